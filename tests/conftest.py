@@ -1,0 +1,95 @@
+"""Fixtures shared by the whole suite. Each fixture owns what it creates and removes it in `finally`."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PLUGIN = REPO / "plugin" / "postcopy.py"
+
+
+@pytest.fixture
+def run_dir():
+    """A short private directory for Unix sockets and scratch files.
+
+    Name: /tmp/nbdpc-XXXX   Scope: function   Depends: nothing
+    (pytest's tmp_path can exceed the 108-byte limit of a Unix socket path.)
+    """
+    path = Path(tempfile.mkdtemp(prefix="nbdpc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def swap_lock():
+    """Serialises tests that activate swap or change global memory knobs, across pytest processes.
+
+    Name: /run/lock/nbd-postcopy-tests.lock   Scope: function   Depends: nothing
+    MADV_PAGEOUT picks the highest-priority swap device with free slots, so two swap tests running at
+    once would steal each other's pages.
+    """
+    os.makedirs("/run/lock", exist_ok=True)
+    with open("/run/lock/nbd-postcopy-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Processes:
+    """Starts processes and ends exactly those, by PID, at teardown."""
+
+    def __init__(self):
+        self._procs: list[subprocess.Popen] = []
+
+    def start(self, argv, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen([str(a) for a in argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def stop_all(self, timeout: float = 5.0):
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def processes():
+    """Name: processes   Scope: function   Depends: nothing. Yields a Processes; stops them all after."""
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def wait_for_path(path: Path, timeout: float = 10.0, proc: subprocess.Popen | None = None):
+    """Wait until `path` exists (a socket a server is about to listen on)."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before creating {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.02)
