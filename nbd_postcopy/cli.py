@@ -72,4 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, so that subcommands raise the same CommandError class.
+    from nbd_postcopy.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,360 @@
+"""Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
+
+Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev.
+/proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
+Every failure is an OSError whose message says which call on which process or file failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import stat
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from . import PAGE_SIZE
+
+MADV_WILLNEED = 3
+MADV_PAGEOUT = 21
+
+SYS_PIDFD_OPEN = 434
+SYS_PROCESS_MADVISE = 440
+IOV_MAX = 1024
+# The kernel caps one vectored transfer at MAX_RW_COUNT (INT_MAX rounded down to a page).
+MAX_RW_COUNT = 0x7FFFF000
+
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_PFN_MASK = (1 << 55) - 1
+KPF_MMAP = 11
+KPF_SWAPCACHE = 14
+KPF_NOPAGE = 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for `pid`; OSError(ESRCH) with a clear message when the process does not exist."""
+    fd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise OSError(err, f"process {pid} does not exist")
+        raise _os_error(f"pidfd_open({pid})")
+    return fd
+
+
+def process_madvise(pidfd: int, address: int, length: int, advice: int) -> None:
+    """Apply `advice` to [address, address+length) of the process behind `pidfd`, the whole range."""
+    done = 0
+    while done < length:
+        part = min(length - done, MAX_RW_COUNT)
+        iov = IoVec(address + done, part)
+        n = _libc.syscall(
+            SYS_PROCESS_MADVISE, ctypes.c_int(pidfd), ctypes.byref(iov), ctypes.c_size_t(1),
+            ctypes.c_int(advice), ctypes.c_uint(0),
+        )
+        if n < 0:
+            raise _os_error(f"process_madvise(advice={advice}) on {address + done:#x}+{part:#x}")
+        if n == 0:
+            raise OSError(errno.EIO, f"process_madvise(advice={advice}) made no progress at {address + done:#x}")
+        done += n
+
+
+def _buffer_address(buf: bytes | bytearray | memoryview) -> int:
+    """Address of the memory behind bytes or a writable buffer (which must not be resized meanwhile)."""
+    if isinstance(buf, bytes):
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _vm_transfer(func, what: str, pid: int, local: bytes | bytearray | memoryview, address: int) -> None:
+    length = len(local)
+    base = _buffer_address(local)
+    done = 0
+    while done < length:
+        part = min(length - done, MAX_RW_COUNT)
+        liov = IoVec(base + done, part)
+        riov = IoVec(address + done, part)
+        n = func(ctypes.c_int(pid), ctypes.byref(liov), ctypes.c_ulong(1), ctypes.byref(riov), ctypes.c_ulong(1),
+                 ctypes.c_ulong(0))
+        if n < 0:
+            raise _os_error(f"{what} of {part} bytes at {address + done:#x} in process {pid}")
+        if n == 0:
+            raise OSError(errno.EFAULT, f"{what} at {address + done:#x} in process {pid} transferred nothing")
+        done += n
+
+
+def process_vm_writev(pid: int, data: bytes | bytearray | memoryview, address: int) -> None:
+    """Write `data` into process `pid` at `address` (all of it, or OSError)."""
+    _vm_transfer(_libc.process_vm_writev, "process_vm_writev", pid, data, address)
+
+
+def process_vm_readv(pid: int, buffer: bytearray | memoryview, address: int) -> None:
+    """Fill `buffer` from process `pid` at `address`; faults swapped pages in like a touch would."""
+    _vm_transfer(_libc.process_vm_readv, "process_vm_readv", pid, buffer, address)
+
+
+def write_proc_mem(pid: int, data: bytes | bytearray | memoryview, address: int) -> None:
+    """Write through /proc/PID/mem: the fallback when process_vm_writev is not allowed."""
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(mem.fileno(), view[done:], address + done)
+
+
+# --- /proc/PID/maps --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    inode: int
+    path: str
+
+    @property
+    def anonymous_private_writable(self) -> bool:
+        # Anonymous: no backing inode; heap and [stack] count, special mappings like [vvar] do not.
+        return (self.perms[0:2] == "rw" and self.perms[3] == "p" and self.inode == 0
+                and (self.path in ("", "[heap]", "[stack]") or self.path.startswith("[anon:")))
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise OSError(errno.ESRCH, f"process {pid} does not exist") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
+    maps = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        path = fields[5].strip() if len(fields) > 5 else ""
+        maps.append(Mapping(start, end, fields[1], int(fields[4]), path))
+    return maps
+
+
+def uncovered_ranges(pid: int, address: int, length: int) -> list[tuple[int, int]]:
+    """Parts of [address, address+length) that are NOT inside an anonymous private writable mapping."""
+    holes = []
+    pos, end = address, address + length
+    for m in read_maps(pid):
+        if m.end <= pos or not m.anonymous_private_writable:
+            continue
+        if m.start >= end:
+            break
+        if m.start > pos:
+            holes.append((pos, m.start))
+        pos = max(pos, m.end)
+        if pos >= end:
+            break
+    if pos < end:
+        holes.append((pos, end))
+    return holes
+
+
+# --- pagemap and physical page flags ----------------------------------------------------------------
+
+
+def is_present(entry: int) -> bool:
+    return bool(entry & PM_PRESENT)
+
+
+def is_swapped(entry: int) -> bool:
+    return bool(entry & PM_SWAP)
+
+
+def swap_type(entry: int) -> int:
+    return entry & 0x1F
+
+
+def swap_offset(entry: int) -> int:
+    return (entry >> 5) & ((1 << 50) - 1)
+
+
+def pfn(entry: int) -> int:
+    return entry & PM_PFN_MASK
+
+
+class Pagemap:
+    """Reads /proc/PID/pagemap entries (root sees PFNs and swap entries)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OSError(errno.ESRCH, f"process {pid} does not exist") from None
+
+    def entries(self, address: int, npages: int) -> array:
+        """One 64-bit entry per page from `address` on."""
+        want = npages * 8
+        data = os.pread(self._fd, want, (address // PAGE_SIZE) * 8)
+        if len(data) != want:
+            raise OSError(errno.EIO, f"short read of /proc/{self.pid}/pagemap at {address:#x}")
+        out = array("Q")
+        out.frombytes(data)
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "Pagemap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_kpage_table(path: str, pfns: Iterable[int]) -> dict[int, int]:
+    out = {}
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for run_start, run_len in _runs(sorted(set(pfns))):
+            data = os.pread(fd, run_len * 8, run_start * 8)
+            values = array("Q")
+            values.frombytes(data)
+            for i, v in enumerate(values):
+                out[run_start + i] = v
+    finally:
+        os.close(fd)
+    return out
+
+
+def page_flags(pfns: Iterable[int]) -> dict[int, int]:
+    """/proc/kpageflags for each PFN."""
+    return _read_kpage_table("/proc/kpageflags", pfns)
+
+
+def page_cgroups(pfns: Iterable[int]) -> dict[int, int]:
+    """/proc/kpagecgroup for each PFN: the inode number of the memcg the page is charged to."""
+    return _read_kpage_table("/proc/kpagecgroup", pfns)
+
+
+def _runs(sorted_values: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs in a sorted list, as (start, length)."""
+    i = 0
+    while i < len(sorted_values):
+        j = i
+        while j + 1 < len(sorted_values) and sorted_values[j + 1] == sorted_values[j] + 1:
+            j += 1
+        yield sorted_values[i], j - i + 1
+        i = j + 1
+
+
+def page_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Page indices grouped into consecutive runs (start, count)."""
+    return list(_runs(sorted(indices)))
+
+
+# --- swap areas and counters ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwapArea:
+    """One row of /proc/swaps (sizes in KiB, as the kernel prints them)."""
+
+    filename: str
+    kind: str
+    size_kib: int
+    used_kib: int
+    priority: int
+
+    @property
+    def free_pages(self) -> int:
+        return (self.size_kib - self.used_kib) * 1024 // PAGE_SIZE
+
+    @property
+    def size_pages(self) -> int:
+        return self.size_kib * 1024 // PAGE_SIZE
+
+
+def read_swaps() -> list[SwapArea]:
+    with open("/proc/swaps") as f:
+        return parse_swaps(f.read())
+
+
+def parse_swaps(text: str) -> list[SwapArea]:
+    """The rows of /proc/swaps text (the first line is the header)."""
+    areas = []
+    for row in text.splitlines()[1:]:
+        # The filename may contain spaces; the four other columns never do.
+        name, kind, size, used, prio = row.rsplit(None, 4)
+        areas.append(SwapArea(name.replace("\\040", " ").rstrip(), kind, int(size), int(used), int(prio)))
+    return areas
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same block device (by device number) or the same file."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def find_swap(device: str) -> SwapArea | None:
+    """The active swap area backed by `device` (any path naming the same block device or file)."""
+    for area in read_swaps():
+        if same_file(area.filename, device):
+            return area
+    return None
+
+
+def vmstat(*names: str) -> dict[str, int]:
+    """Counters from /proc/vmstat (all of them when no names are given)."""
+    values = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, value = line.split()
+            if not names or key in names:
+                values[key] = int(value)
+    missing = set(names) - values.keys()
+    if missing:
+        raise OSError(errno.ENOENT, f"/proc/vmstat has no counter {', '.join(sorted(missing))}")
+    return values
+
+
+def zswap_enabled() -> bool:
+    try:
+        with open("/sys/module/zswap/parameters/enabled") as f:
+            return f.read().strip() in ("Y", "1")
+    except FileNotFoundError:
+        return False
+
+
+def read_direct(path: str, offset: int, length: int = PAGE_SIZE) -> bytes:
+    """Read from a block device or file with O_DIRECT, so no page cache can answer instead of the device."""
+    buf = mmap.mmap(-1, length)  # page aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        if n != length:
+            raise OSError(errno.EIO, f"short O_DIRECT read of {path} at {offset}: {n} of {length} bytes")
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()

@@ -1,0 +1,151 @@
+"""A dedicated memory cgroup for the target process, so its swap cache can be purged on its own.
+
+Why (DESIGN.md): reclaiming a memcg drops the clean swap-cache pages charged to it, which makes every
+later touch a real swap-in. Charges do not move with a task here, so the target must be moved into the
+memcg BEFORE its pages are written. Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`)
+and, where the memory controller is on cgroup v2, `memory.reclaim`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+V1_ROOT = Path("/sys/fs/cgroup/memory")
+V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+AUTO_PREFIX = "nbd-postcopy-stage-"
+
+
+def _v2_root() -> Path | None:
+    for root in V2_ROOTS:
+        try:
+            if "memory" in (root / "cgroup.controllers").read_text().split():
+                return root
+        except OSError:
+            continue
+    return None
+
+
+def task_memcg(pid: int) -> tuple[int, Path]:
+    """(cgroup version, directory) of the memcg process `pid` is in now."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except FileNotFoundError:
+        raise OSError(errno.ESRCH, f"process {pid} does not exist") from None
+    unified = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(",") and V1_ROOT.is_dir():
+            return 1, V1_ROOT / path.lstrip("/")
+        if controllers == "":
+            unified = path
+    root = _v2_root()
+    if unified is not None and root is not None:
+        return 2, root / unified.lstrip("/")
+    raise OSError(errno.ENOTSUP, "no memory cgroup controller found (neither cgroup v1 nor v2 has one)")
+
+
+class Memcg:
+    """One memcg directory. `created` says whether this object made it (and so may remove it)."""
+
+    def __init__(self, version: int, path: Path, created: bool):
+        self.version = version
+        self.path = path
+        self.created = created
+
+    @classmethod
+    def open_or_create(cls, version: int, path: Path) -> "Memcg":
+        try:
+            path.mkdir()
+            return cls(version, path, created=True)
+        except FileExistsError:
+            return cls(version, path, created=False)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create memcg {path}: {exc.strerror}") from None
+
+    @classmethod
+    def for_target(cls, pid: int, name: str = "auto") -> tuple["Memcg", Path]:
+        """The memcg to stage `pid` in, and the memcg it is in now (to go back to).
+
+        `auto` makes a fresh child of the target's current memcg (so its limits still apply);
+        any other name is a path below the memory hierarchy's root, made if missing.
+        """
+        version, current = task_memcg(pid)
+        if name == "auto":
+            memcg = cls.open_or_create(version, current / f"{AUTO_PREFIX}{pid}")
+        else:
+            root = V1_ROOT if version == 1 else _v2_root()
+            assert root is not None
+            memcg = cls.open_or_create(version, root / name.strip("/"))
+        return memcg, current
+
+    @property
+    def inode(self) -> int:
+        """What /proc/kpagecgroup reports for pages charged to this memcg."""
+        return os.stat(self.path).st_ino
+
+    def _write(self, name: str, value: str) -> None:
+        try:
+            with open(self.path / name, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise OSError(exc.errno, f"writing {value!r} to {self.path / name}: {exc.strerror}") from None
+
+    def move(self, pid: int) -> None:
+        """Move the whole process (all its threads) into this memcg."""
+        self._write("cgroup.procs", str(pid))
+
+    def tasks(self) -> list[int]:
+        return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
+
+    def stat(self) -> dict[str, int]:
+        values = {}
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            key, value = line.split()
+            values[key] = int(value)
+        return values
+
+    def swapcached_bytes(self) -> int:
+        return self.stat().get("swapcached", 0)
+
+    def writeback_bytes(self) -> int:
+        return self.stat().get("writeback", 0)
+
+    def purge(self) -> None:
+        """Reclaim everything charged to the memcg that can be reclaimed (clean swap cache included).
+
+        The kernel gives up with EBUSY (v1) or EAGAIN (v2) when some memory cannot be reclaimed; that is
+        not an error here: the caller verifies what matters.
+        """
+        try:
+            if self.version == 1:
+                self._write("memory.force_empty", "0")
+            else:
+                current = int((self.path / "memory.current").read_text())
+                self._write("memory.reclaim", str(max(current, 4096)))
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EAGAIN):
+                raise
+
+    def remove(self, move_tasks_to: Path) -> None:
+        """Move any tasks to `move_tasks_to` and remove the directory (only if this object created it)."""
+        if not self.created or not self.path.exists():
+            return
+        parent = Memcg(self.version, move_tasks_to, created=False)
+        for pid in self.tasks():
+            try:
+                parent.move(pid)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise OSError(exc.errno, f"cannot remove memcg {self.path}: {exc.strerror}") from None
+                time.sleep(0.02)  # exiting tasks leave the cgroup a moment after they are gone
+        raise OSError(errno.EBUSY, f"memcg {self.path} still busy; remove it with: rmdir {self.path}")

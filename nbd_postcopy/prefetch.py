@@ -1,0 +1,154 @@
+"""The background prefetcher: pulls every mapped page that is not local yet, without slowing demand.
+
+Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
+  1. the neighbourhood of recent demand faults first, newest fault first (pre-paging: a guest that
+     faults on a page soon wants its neighbours; staging pages a range out in address order, so
+     neighbouring slots hold neighbouring guest pages);
+  2. then a sweep over all slots, resuming where it stopped.
+Pacing (RateController): the window (runs fetched per round trip) grows by one after each batch while
+demand faults stay fast, and halves, with a growing pause between batches, while the recent demand
+fault latency is above a target. Demand fetches use their own source connection, so they never queue
+behind this traffic on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from .device import Device, DeviceIOError, PageSource, Run
+
+log = logging.getLogger("nbd_postcopy.prefetch")
+
+MAX_WINDOW = 8  # runs per round trip
+RUN_PAGES = 64  # pages per run (256 KiB)
+DEMAND_TARGET = 1e-3  # seconds: back off while recent demand faults are slower than this
+DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
+MAX_PAUSE = 0.05
+RETRY_PAUSE = 1.0  # after a failed prefetch fetch
+IDLE_POLL = 0.2  # seconds between looks for work once everything is local
+
+
+class RateController:
+    """AIMD pacing of the prefetch window from demand fault latency. Time is passed in (testable)."""
+
+    def __init__(self, max_window: int = MAX_WINDOW, target: float = DEMAND_TARGET, smoothing: float = 0.3):
+        self.max_window = max_window
+        self.target = target
+        self.smoothing = smoothing
+        self.window = max_window
+        self.pause = 0.0
+        self.latency = 0.0  # exponentially weighted recent demand fault latency
+        self._last_fault = float("-inf")
+
+    def on_demand_fault(self, seconds: float, now: float) -> None:
+        self.latency += self.smoothing * (seconds - self.latency)
+        self._last_fault = now
+
+    def after_batch(self, now: float) -> None:
+        """Adapt the window and the pause before the next batch."""
+        if now - self._last_fault < DEMAND_MEMORY and self.latency > self.target:
+            self.window = max(1, self.window // 2)
+            self.pause = min(MAX_PAUSE, max(self.pause * 2, 1e-3))
+        else:
+            self.window = min(self.max_window, self.window + 1)
+            self.pause = self.pause / 2 if self.pause > 1e-4 else 0.0
+
+
+class PrefetchScheduler:
+    """Chooses the next runs to prefetch: fault neighbourhoods first, then a sweep."""
+
+    def __init__(
+        self, device: Device, *, run_pages: int = RUN_PAGES, behind: int = 16, ahead: int = 256, max_hints: int = 64
+    ):
+        self.device = device
+        self.run_pages = run_pages
+        self.behind = behind
+        self.ahead = ahead
+        self._hints: deque[int] = deque(maxlen=max_hints)
+        self._cursor = 1
+
+    def hint(self, slot: int) -> None:
+        """A demand fault at `slot` (thread-safe: deque appends are atomic)."""
+        self._hints.append(slot)
+
+    def next_runs(self, max_runs: int) -> list[Run]:
+        runs: list[Run] = []
+        while self._hints and len(runs) < max_runs:
+            slot = self._hints.pop()  # newest first
+            found = self.device.pending_runs(slot - self.behind, slot + self.ahead, max_runs - len(runs), self.run_pages)
+            runs += found
+            if len(runs) >= max_runs:
+                self._hints.append(slot)  # its neighbourhood may hold more
+        wrapped = False
+        while len(runs) < max_runs:
+            found = self.device.pending_runs(self._cursor, self.device.slots, max_runs - len(runs), self.run_pages)
+            found = [run for run in found if run not in runs]
+            if found:
+                runs += found
+                self._cursor = found[-1].slot + found[-1].count
+            elif wrapped or self._cursor <= 1:
+                break
+            else:
+                self._cursor, wrapped = 1, True
+        return runs
+
+
+class Prefetcher:
+    """Runs the scheduler on a daemon thread over its own source connection, after arming."""
+
+    def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True):
+        self.device = device
+        self.source = source
+        self.timeout = timeout
+        self.learn_zeros = learn_zeros
+        self.scheduler = PrefetchScheduler(device)
+        self.controller = RateController()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        device.add_fault_listener(self._on_fault)
+
+    def _on_fault(self, slot: int, seconds: float) -> None:
+        self.scheduler.hint(slot)
+        self.controller.on_demand_fault(seconds, time.monotonic())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.device.armed_event.set()  # wake a thread still waiting for arming
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        self.device.armed_event.wait()
+        if self._stop.is_set():
+            return
+        if self.learn_zeros:
+            self._learn_zero_pages()
+        log.info("prefetching %d pages", self.device.remaining)
+        while not self._stop.is_set():
+            runs = self.scheduler.next_runs(self.controller.window)
+            if not runs:  # everything is local (or being fetched on demand): wait for new mappings
+                self._stop.wait(IDLE_POLL)
+                continue
+            try:
+                self.device.fetch(runs, self.source, "prefetch", self.timeout)
+            except DeviceIOError:
+                self._stop.wait(RETRY_PAUSE)
+                continue
+            self.controller.after_batch(time.monotonic())
+            if self.controller.pause:
+                self._stop.wait(self.controller.pause)
+
+    def _learn_zero_pages(self) -> None:
+        started = time.monotonic()
+        try:
+            zero = self.device.learn_zero_pages(self.source, self.timeout)
+        except Exception as exc:  # block status is an optimisation: fetching zero pages is still correct
+            log.warning("could not learn zero pages from the source (%s: %s); fetching them", type(exc).__name__, exc)
+            return
+        log.info("the source reports %d zero pages (%.2fs): served without fetching", zero, time.monotonic() - started)

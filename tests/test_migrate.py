@@ -1,0 +1,105 @@
+"""nbd-postcopy migrate end to end: real QEMU (TCG), real page server, real swap device, real staging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from nbd_postcopy import migrate as migrate_module
+from nbd_postcopy.guest import Failure, PassOk, prepare_guest
+from nbd_postcopy.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
+from nbd_postcopy.qemu import Vm, merged_heartbeats
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    return prepare_guest()
+
+
+def _vm_pair(image, run_dir, mib: int, append: str) -> tuple[Vm, Vm]:
+    source = Vm(image, run_dir, name="src", memory_mib=mib, ram="file", append=append, extra_qmp=1)
+    destination = Vm(image, run_dir, name="dst", memory_mib=mib, ram="ram", incoming=True, append=append, extra_qmp=1)
+    return source, destination
+
+
+def _nothing_left(run_dir) -> None:
+    with open("/proc/swaps") as swaps:
+        assert str(run_dir) not in swaps.read()
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in losetup
+    with open("/proc/mounts") as mounts:
+        assert str(run_dir) not in mounts.read()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in ps, [line for line in ps.splitlines() if str(run_dir) in line]
+
+
+def test_histogram_quantiles():
+    text = "\n".join([
+        "# TYPE x_seconds histogram",
+        'x_seconds_bucket{le="0.001"} 50.0',
+        'x_seconds_bucket{le="0.01"} 99.0',
+        'x_seconds_bucket{le="0.1"} 100.0',
+        'x_seconds_bucket{le="+Inf"} 100.0',
+        "x_seconds_count 100.0",
+        "x_seconds_sum 1.0",
+    ])
+    assert histogram_quantiles(text + "\n", "x_seconds", (0.5, 0.99, 1.0)) == (1.0, 10.0, 100.0)
+    assert histogram_quantiles("", "x_seconds", (0.5,)) == (None,)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=17 memcheck.mode=write"
+    source, destination = _vm_pair(guest_image, run_dir, 256, append)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
+                                        run_dir / "mig", quiet=True))
+        assert report.guest_bytes == 256 * MIB
+        assert report.device_state_bytes < 16 * MIB, "guest RAM must not travel in QEMU's stream"
+        assert report.source_released
+        assert report.pages_demand + report.pages_prefetch > 0
+        source.wait_exit(10)
+
+        after = destination.console.mark()
+        passes = destination.console.wait_for(PassOk, count=3, after=after, timeout=60)
+        assert [p.number for p in passes] == list(range(passes[0].number, passes[0].number + 3))
+        beats = merged_heartbeats(source.console, destination.console)
+        assert [b.counter for b in beats] == list(range(beats[0].counter, beats[-1].counter + 1))
+        assert source.console.events(Failure) == [] and destination.console.events(Failure) == []
+        assert destination.qmp.status() == "running"
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_device_killed_before_the_switchover_leaves_the_source_running(guest_image, run_dir, swap_lock,
+                                                                        monkeypatch):
+    real_stage = migrate_module.stage_range
+
+    def stage_then_kill_the_device(*args, **kwargs):
+        report = real_stage(*args, **kwargs)
+        state = (run_dir / "mig" / "swap" / "state").read_text()
+        nbdkit_pid = int(next(line.split("=", 1)[1] for line in state.splitlines()
+                              if line.startswith("nbdkit_pid=")).strip("'\""))
+        os.kill(nbdkit_pid, signal.SIGKILL)
+        return report
+
+    monkeypatch.setattr(migrate_module, "stage_range", stage_then_kill_the_device)
+    append = "memcheck.seed=3"
+    source, destination = _vm_pair(guest_image, run_dir, 128, append)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        with pytest.raises(MigrateError, match="destination device"):
+            migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                   quiet=True))
+        assert source.qmp.status() == "running"
+        source.console.wait_for(PassOk, after=source.console.mark(), timeout=30)
+        assert source.console.events(Failure) == []
+    _nothing_left(run_dir)
