@@ -11,7 +11,7 @@
 Targets (issue 3): p50 <= 2x the C memory plugin; p99 with prefetch running <= 2x p99 idle;
 about 8 bytes of state per guest page.
 
-    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--rss-sizes 256,1024,4096]
+    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--think-us 1000] [--rss-sizes 256,1024,4096]
 """
 
 from __future__ import annotations
@@ -86,12 +86,16 @@ def connect(port: int) -> nbd.NBD:
     return handle
 
 
-def latencies(handle: nbd.NBD, offsets: list[int]) -> list[float]:
+def latencies(handle: nbd.NBD, offsets: list[int], think: float = 0.0) -> list[float]:
+    """Latency of a 4 KiB read at each offset, one at a time, `think` seconds apart (a guest computes
+    between faults; the prefetcher works in those gaps)."""
     out = []
     for offset in offsets:
         started = time.perf_counter()
         handle.pread(P, offset)
         out.append(time.perf_counter() - started)
+        if think:
+            time.sleep(think)
     return out
 
 
@@ -123,7 +127,7 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def bench_latency(work: Path, guest_mib: int, reads: int) -> None:
+def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> None:
     pages = guest_mib * 256
     image = work / "ram.img"
     with open(image, "wb") as f:
@@ -162,14 +166,14 @@ def bench_latency(work: Path, guest_mib: int, reads: int) -> None:
                 handle = connect(port)
                 stage_all(handle, codec, pages)
                 request(str(control), "arm")
-                samples = latencies(handle, offsets)
+                samples = latencies(handle, offsets, think)
                 status = request(str(control), "status")
                 results[mode] = summary(samples)
                 results[mode + " demand"] = status["fetched_demand"]
                 results[mode + " prefetched"] = status["fetched_prefetch"]
                 handle.shutdown()
 
-    print(f"4 KiB read latency at QD1 over loopback TCP, {guest_mib} MiB guest, {len(offsets)} reads:")
+    print(f"4 KiB read latency at QD1 over loopback TCP, {guest_mib} MiB guest, {len(offsets)} reads {think * 1e3:g} ms apart:")
     print(f"  nbdkit memory (C)                  p50 {memory[0]:7.1f} us   p99 {memory[1]:7.1f} us")
     idle, busy = results["idle"], results["prefetching"]
     print(f"  postcopy demand fetch, idle        p50 {idle[0]:7.1f} us   p99 {idle[1]:7.1f} us")
@@ -218,12 +222,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--guest-mib", type=int, default=1024, help="guest size for the latency runs (0: skip them)")
     parser.add_argument("--reads", type=int, default=1000, help="at most; also bounded by guest size / 600 slots")
+    parser.add_argument("--think-us", type=float, default=1000, help="pause between two measured demand reads")
     parser.add_argument("--rss-sizes", default="256,1024,4096", help="guest sizes in MiB for the RSS measurement")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/var/tmp"))
     try:
         if args.guest_mib:
-            bench_latency(work, args.guest_mib, args.reads)
+            bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6)
         bench_rss(work, [int(s) for s in args.rss_sizes.split(",") if s])
     finally:
         shutil.rmtree(work, ignore_errors=True)

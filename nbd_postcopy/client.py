@@ -135,7 +135,7 @@ class SourceClient:
     def read(self, offset: int, length: int, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
         return self.read_many([(offset, length)], timeout)[0]
 
-    def read_many(self, ranges: list[tuple[int, int]], timeout: float | None = DEFAULT_TIMEOUT) -> list:
+    def read_many(self, ranges: list[tuple[int, int]], timeout: float | None = DEFAULT_TIMEOUT) -> list[bytes]:
         """Read every (offset, length) with all requests sent in one write; results in the same order."""
         requests = [_Request(Command.READ, offset, length) for offset, length in ranges]
         return self._call(requests, timeout)
@@ -211,16 +211,20 @@ class SourceClient:
                     f"{self.name}: no reply from {self.uri} within {timeout:g}s "
                     f"({'connected' if self.connected else 'disconnected, reconnecting'})")
             if self._read_lock.acquire(blocking=False):
+                link_up = True
                 try:
-                    while not request.done and self._read_step(remaining):
+                    while not request.done and link_up:
+                        link_up = self._read_step(remaining)
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             break
                 finally:
                     self._read_lock.release()
                     self._hand_over()
-            else:
-                request.wait(_FOLLOWER_POLL if remaining is None else min(remaining, _FOLLOWER_POLL))
+                if link_up:
+                    continue
+            # Another thread reads, or the link is down and the reader thread reconnects: wait.
+            request.wait(_FOLLOWER_POLL if remaining is None else max(0.0, min(remaining, _FOLLOWER_POLL)))
 
     def _hand_over(self) -> None:
         """After reading for ourselves: if replies are still owed to others, the reader thread reads."""

@@ -23,7 +23,7 @@ reports at the end whether the device says every page is local.
 examples:
   nbd-postcopy complete --pid 4242 --address 0x7f0000000000 --length 256M
   nbd-postcopy complete --pid 4242 --address 0x7f0000000000 --length 256M --rate-mib 200 \\
-      --control /run/nbd-postcopy/vm1.ctl
+      --control /run/nbd-postcopy/vm1/control.sock
 """
 
 

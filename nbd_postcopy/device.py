@@ -45,9 +45,9 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 MARKER_TAIL = bytes(PAGE_SIZE - HEADER_SIZE)  # a marker page is zero after its header
 BLOCK_STATUS_CHUNK = 1 << 30  # bytes asked per NBD_CMD_BLOCK_STATUS when learning zero pages
 STATE_ZERO = 2  # NBD base:allocation flag: the range reads as zeros
-TRIM_BATCH = 4096  # slots trimmed per lock hold, so reads are not held up by a huge trim
+LOCK_BATCH = 1024  # slots handled per lock hold by big writes, trims and scans, so reads are not held up
 ANOMALY_LOG_LIMIT = 20  # log lines about anomalies before only counting them
-_NO_SLOTS = array("I", bytes(4 * TRIM_BATCH))
+_NO_SLOTS = array("I", bytes(4 * LOCK_BATCH))
 
 
 def default_headroom(pages: int) -> int:
@@ -242,6 +242,9 @@ class Device:
         self.source_errors = 0
         self.fetched = {"demand": 0, "prefetch": 0}
         self.demand_source: PageSource | None = None
+        self.demand_idle = threading.Event()  # set while no demand fetch is in flight
+        self.demand_idle.set()
+        self._demand_in_flight = 0
         self.source_connected = False
         self._fault_listeners: list[Callable[[int, float], None]] = []
         self._complete_logged = False
@@ -298,7 +301,7 @@ class Device:
         """SourceClient's on_state callback for the demand connection."""
         self.source_connected = connected
         if connected:
-            log.warning("source connection is up (%s)", reason)
+            log.info("source connection is up (%s)", reason)
         else:
             log.warning("source connection is down (%s); reads wait up to %gs for it", reason, self.timeout)
 
@@ -313,7 +316,7 @@ class Device:
                 return
             self.armed = True
         self.armed_event.set()
-        log.warning("armed: %d mapped pages will be fetched from the source", self.mapped)
+        log.info("armed: %d mapped pages will be fetched from the source", self.mapped)
         self._check_complete()
 
     def learn_zero_pages(self, source: PageSource, timeout: float | None = None) -> int:
@@ -337,10 +340,12 @@ class Device:
                             self._zero.set_range(first, last)
                         zero_pages += last - first
                 offset += length
-        self._settle_zero_slots()
+        if zero_pages:
+            self._settle_zero_slots()
         return zero_pages
 
-    def _settle_zero_slots(self, chunk: int = 65536) -> None:
+    def _settle_zero_slots(self, chunk: int = LOCK_BATCH) -> None:
+        """Mapped slots holding zero pages become local."""
         for start in range(0, self.slots, chunk):
             with self._lock:
                 slot = self._pending.find(start, start + chunk)
@@ -354,7 +359,7 @@ class Device:
     def _check_complete(self) -> None:
         if self.complete and not self._complete_logged:
             self._complete_logged = True
-            log.warning("all pages are local: the source can be released (%d mapped pages)", self.mapped)
+            log.info("all pages are local: the source can be released (%d mapped pages)", self.mapped)
 
     # --- slot transitions (caller holds the lock) -----------------------------------------------
     def _drop(self, slot: int) -> None:
@@ -447,12 +452,26 @@ class Device:
         if untouched:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
         if to_fetch:
-            runs = coalesce(to_fetch)
-            self.fetch(runs, self.demand_source, "demand", self.timeout, out, first)
+            self._demand_started()
+            try:
+                self.fetch(coalesce(to_fetch), self.demand_source, "demand", self.timeout, out, first)
+            finally:
+                self._demand_finished()
             seconds = time.monotonic() - started
             self.metrics.fault_seconds.observe(seconds)
             for listener in self._fault_listeners:
                 listener(to_fetch[0][0], seconds)
+
+    def _demand_started(self) -> None:
+        with self._lock:
+            self._demand_in_flight += 1
+            self.demand_idle.clear()
+
+    def _demand_finished(self) -> None:
+        with self._lock:
+            self._demand_in_flight -= 1
+            if not self._demand_in_flight:
+                self.demand_idle.set()
 
     def fetch(
         self,
@@ -563,27 +582,23 @@ class Device:
                 self._read_slots(first + count - 1, 1, pages[(count - 1) * PAGE_SIZE :])
             pages[start : start + length] = data
             data = pages
-        mappings: list[tuple[int, int]] = []
-        for i in range(count):
-            slot = first + i
-            page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            guest = self._parse_marker(slot, page)
-            if guest is not None:
-                mappings.append((slot, guest))
-        mapped_slots = {slot for slot, _ in mappings}
-        with self._lock:
-            for slot, guest in mappings:
-                self._map(slot, guest)
-            run_start = None
-            for i in range(count + 1):
-                is_data = i < count and first + i not in mapped_slots
-                if is_data:
-                    self._make_overlay(first + i)
-                    if run_start is None:
-                        run_start = i
-                elif run_start is not None:
-                    self._store.write(first + run_start, data[run_start * PAGE_SIZE : i * PAGE_SIZE])
-                    run_start = None
+        guests = [self._parse_marker(first + i, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(count)]
+        for chunk_start in range(0, count, LOCK_BATCH):
+            chunk_end = min(chunk_start + LOCK_BATCH, count)
+            with self._lock:
+                data_start = None  # first page of the current run of data (overlay) pages
+                for i in range(chunk_start, chunk_end):
+                    if guests[i] is None:
+                        self._make_overlay(first + i)
+                        if data_start is None:
+                            data_start = i
+                        continue
+                    self._map(first + i, guests[i])
+                    if data_start is not None:
+                        self._store.write(first + data_start, data[data_start * PAGE_SIZE : i * PAGE_SIZE])
+                        data_start = None
+                if data_start is not None:
+                    self._store.write(first + data_start, data[data_start * PAGE_SIZE : chunk_end * PAGE_SIZE])
 
     def _parse_marker(self, slot: int, page: memoryview) -> int | None:
         """The guest page a written page maps its slot to, or None if the page is data."""
@@ -605,8 +620,8 @@ class Device:
         self._check_range(offset, length)
         first = -(-offset // PAGE_SIZE)
         end = (offset + length) // PAGE_SIZE
-        for start in range(first, end, TRIM_BATCH):  # `swapon --discard` trims the whole device
-            stop = min(start + TRIM_BATCH, end)
+        for start in range(first, end, LOCK_BATCH):  # `swapon --discard` trims the whole device
+            stop = min(start + LOCK_BATCH, end)
             with self._lock:
                 self._touched.set_range(start, stop)
                 if self._overlay.find(start, stop) < 0 and self._guest[start:stop] == _NO_SLOTS[: stop - start]:

@@ -13,7 +13,7 @@ import mmap
 import os
 import stat
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import PAGE_SIZE
@@ -197,6 +197,26 @@ def pfn(entry: int) -> int:
     return entry & PM_PFN_MASK
 
 
+# Byte-wise views of pagemap entries (little endian): the top byte holds bits 63 (present) and 62 (swap),
+# the low byte the swap type. bytes.translate masks them in C, which keeps huge ranges fast.
+_PRESENT_SWAP_BITS = bytes(b & 0xC0 for b in range(256))
+_SWAP_TYPE_BITS = bytes(b & 0x1F for b in range(256))
+
+
+def all_swapped_out(entries: array) -> bool:
+    """Whether every entry is a swap entry (bit 62) and none is present (bit 63)."""
+    top = entries.tobytes()[7::8].translate(_PRESENT_SWAP_BITS)
+    return top.count(0x40) == len(entries)
+
+
+def common_swap_type(entries: array) -> int | None:
+    """The swap type all entries share, or None if they differ (meaningful for swap entries only)."""
+    if not entries:
+        return None
+    low = entries.tobytes()[0::8].translate(_SWAP_TYPE_BITS)
+    return low[0] if low.count(low[0]) == len(low) else None
+
+
 class Pagemap:
     """Reads /proc/PID/pagemap entries (root sees PFNs and swap entries)."""
 
@@ -227,28 +247,40 @@ class Pagemap:
         self.close()
 
 
-def _read_kpage_table(path: str, pfns: Iterable[int]) -> dict[int, int]:
-    out = {}
+KPAGE_READ_GAP = 8  # ascending PFNs this close together are read in one pread (measured: fewer syscalls)
+
+
+def _read_kpage_table(path: str, pfns: Sequence[int]) -> array:
+    """One 64-bit entry of a /proc/kpage* table per PFN, in the order given.
+
+    A process's frames come mostly in ascending runs, so each run is one pread.
+    """
+    out = array("Q", bytes(8 * len(pfns)))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for run_start, run_len in _runs(sorted(set(pfns))):
-            data = os.pread(fd, run_len * 8, run_start * 8)
+        i, n = 0, len(pfns)
+        while i < n:
+            j = i
+            while j + 1 < n and 0 < pfns[j + 1] - pfns[j] <= KPAGE_READ_GAP:
+                j += 1
+            first = pfns[i]
             values = array("Q")
-            values.frombytes(data)
-            for i, v in enumerate(values):
-                out[run_start + i] = v
+            values.frombytes(os.pread(fd, (pfns[j] - first + 1) * 8, first * 8))
+            for k in range(i, j + 1):
+                out[k] = values[pfns[k] - first]
+            i = j + 1
     finally:
         os.close(fd)
     return out
 
 
-def page_flags(pfns: Iterable[int]) -> dict[int, int]:
-    """/proc/kpageflags for each PFN."""
+def page_flags(pfns: Sequence[int]) -> array:
+    """/proc/kpageflags for each PFN, in the order given."""
     return _read_kpage_table("/proc/kpageflags", pfns)
 
 
-def page_cgroups(pfns: Iterable[int]) -> dict[int, int]:
-    """/proc/kpagecgroup for each PFN: the inode number of the memcg the page is charged to."""
+def page_cgroups(pfns: Sequence[int]) -> array:
+    """/proc/kpagecgroup for each PFN, in the order given: the inode number of the memcg it is charged to."""
     return _read_kpage_table("/proc/kpagecgroup", pfns)
 
 

@@ -3,7 +3,8 @@
 Why (DESIGN.md): reclaiming a memcg drops the clean swap-cache pages charged to it, which makes every
 later touch a real swap-in. Charges do not move with a task here, so the target must be moved into the
 memcg BEFORE its pages are written. Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`)
-and, where the memory controller is on cgroup v2, `memory.reclaim`.
+and, where the memory controller is on cgroup v2, `memory.reclaim` (not tested on this machine, which
+has the memory controller on v1).
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def task_memcg(pid: int) -> tuple[int, Path]:
     raise OSError(errno.ENOTSUP, "no memory cgroup controller found (neither cgroup v1 nor v2 has one)")
 
 
+def find_by_inode(version: int, inode: int) -> Path | None:
+    """The memcg directory whose inode is `inode` (what /proc/kpagecgroup reports), if it still exists."""
+    root = V1_ROOT if version == 1 else _v2_root()
+    if root is None:
+        return None
+    for directory, _, _ in os.walk(root):
+        try:
+            if os.stat(directory).st_ino == inode:
+                return Path(directory)
+        except FileNotFoundError:
+            continue
+    return None
+
+
 class Memcg:
     """One memcg directory. `created` says whether this object made it (and so may remove it)."""
 
@@ -79,6 +94,11 @@ class Memcg:
             root = V1_ROOT if version == 1 else _v2_root()
             assert root is not None
             memcg = cls.open_or_create(version, root / name.strip("/"))
+        if version == 2 and not (memcg.path / "memory.reclaim").exists():
+            if memcg.created:
+                memcg.path.rmdir()
+            raise OSError(errno.ENOTSUP, f"cgroup v2: {memcg.path} has no memory controller (its parent's "
+                          "cgroup.subtree_control lacks +memory); pick a cgroup that has one with --memcg NAME")
         return memcg, current
 
     @property

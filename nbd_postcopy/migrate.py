@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .completion import complete_range
 from .control import ControlError, request
 from .markers import MarkerCodec
+from .progress import Progress
 from .qemu import RAM_ID, Qmp, QmpEvent, RamRegion, VmError, ram_region_of
 from .staging import stage_range
 
@@ -171,6 +172,14 @@ class _Migration:
             completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
                                         quiet=self.o.quiet, stream=self.stream)
         except BaseException as exc:
+            if _exited(dst_pid):
+                self._stop_server()
+                self._detach()
+                raise MigrateError(
+                    f"the destination QEMU (pid {dst_pid}) exited after the switchover ({exc}); the source QEMU "
+                    f"(pid {src_pid}) is paused with the guest's memory intact: the QMP command 'cont' resumes "
+                    "it there, if nothing else (e.g. shared disks) moved on. Page server and swap device removed."
+                ) from exc
             raise MigrateError(
                 f"completion failed after the switchover: {exc}. The guest runs at the destination and still "
                 f"needs the source: the source QEMU (pid {src_pid}), the page server (pid {self.server.pid}) "
@@ -239,11 +248,16 @@ class _Migration:
                 "--listen", f"unix:{self.socket}", "--gate", "closed"]
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.path or 'anonymous'}) on {self.socket}, "
                  "gate closed")
-        self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.server_log = self.work / "source-server.log"
+        with open(self.server_log, "ab") as log_file:
+            self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                           start_new_session=True)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while not self.socket.exists():
             if self.server.poll() is not None:
-                raise MigrateError(f"the source page server exited with status {self.server.returncode}")
+                tail = self.server_log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise MigrateError(f"the source page server exited with status {self.server.returncode}:\n"
+                                   + "\n".join(tail))
             if time.monotonic() > deadline:
                 raise MigrateError(f"the source page server did not listen on {self.socket} within "
                                    f"{SERVER_START_TIMEOUT:g}s")
@@ -303,15 +317,21 @@ class _Migration:
         prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
         no progress for PREFETCH_STALL_SECONDS: completion then fetches what is left itself.
         """
+        status = self._device("status")
+        total = status["remaining"]
+        bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
         last, since = None, time.monotonic()
-        while (remaining := self._device("status")["remaining"]) > 0:
+        while (remaining := status["remaining"]) > 0:
+            bar.update(total - remaining)
             if remaining != last:
                 last, since = remaining, time.monotonic()
             elif time.monotonic() - since > PREFETCH_STALL_SECONDS:
-                log.warning("the prefetcher made no progress for %gs with %d pages left; completing anyway",
-                            PREFETCH_STALL_SECONDS, remaining)
+                bar.finish(f"no progress for {PREFETCH_STALL_SECONDS:g}s, completion fetches the rest")
                 return
             time.sleep(0.05)
+            status = self._device("status")
+        bar.update(total)
+        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
 
     def _roll_back(self, source: Qmp, destination: Qmp, cause: BaseException) -> None:
         self.say(f"failed ({cause}); rolling back: the source keeps running")
@@ -389,15 +409,17 @@ def _read_state(state_dir: Path) -> dict[str, str]:
     return {"device": device, "control": control}
 
 
+def _exited(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie counts: its memory is freed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
-    """Wait until process `pid` has exited (a zombie counts: its memory is freed)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except OSError:
-            return
+    while not _exited(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

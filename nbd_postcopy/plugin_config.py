@@ -22,7 +22,8 @@ KEYS = {
     "headroom": "spare slots beyond the guest (default max(pages/32, 4096))",
     "metrics": "HOST:PORT to serve Prometheus metrics on",
     "control": "Unix socket path for the control protocol (status, arm)",
-    "cache-dir": f"directory for the unlinked page file (default {DEFAULT_CACHE_DIR})",
+    "cache-dir": f"directory on a disk filesystem for the unlinked page file (default {DEFAULT_CACHE_DIR}; not tmpfs, "
+    "whose pages could be swapped out to this very device)",
     "timeout": f"seconds a read waits for an unavailable source before failing with EIO (default {DEFAULT_TIMEOUT:g})",
     "prefetch": "on|off: pull every remaining page in the background after arming (default on)",
     "armed": "yes|no: fetch from the source from the start instead of waiting for 'arm' (default no)",

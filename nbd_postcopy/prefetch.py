@@ -5,10 +5,11 @@ Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
      faults on a page soon wants its neighbours; staging pages a range out in address order, so
      neighbouring slots hold neighbouring guest pages);
   2. then a sweep over all slots, resuming where it stopped.
-Pacing (RateController): the window (runs fetched per round trip) grows by one after each batch while
-demand faults stay fast, and halves, with a growing pause between batches, while the recent demand
-fault latency is above a target. Demand fetches use their own source connection, so they never queue
-behind this traffic on the wire.
+Pacing: a batch is not sent while a demand fetch is in flight (up to DEMAND_YIELD), and RateController
+sets the window (runs fetched per round trip): it grows by one after each batch while demand faults stay
+fast, and halves, with a growing pause between batches, while the recent demand fault latency is well
+above the best seen lately. Demand fetches use their own source connection, so they never queue behind this traffic on the
+wire.
 """
 
 from __future__ import annotations
@@ -24,27 +25,45 @@ log = logging.getLogger("nbd_postcopy.prefetch")
 
 MAX_WINDOW = 8  # runs per round trip
 RUN_PAGES = 64  # pages per run (256 KiB)
-DEMAND_TARGET = 1e-3  # seconds: back off while recent demand faults are slower than this
+DEMAND_RATIO = 2.0  # back off while recent demand faults are slower than this times the baseline...
+DEMAND_FLOOR = 250e-6  # ...and slower than this (seconds)
+BASELINE_DRIFT = 1.01  # the baseline grows by this factor per fault unless a faster one resets it
 DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
 MAX_PAUSE = 0.05
 RETRY_PAUSE = 1.0  # after a failed prefetch fetch
+DEMAND_YIELD = 0.005  # seconds at most that a batch waits for demand fetches in flight to finish
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
 
 
 class RateController:
-    """AIMD pacing of the prefetch window from demand fault latency. Time is passed in (testable)."""
+    """AIMD pacing of the prefetch window from demand fault latency. Time is passed in (testable).
 
-    def __init__(self, max_window: int = MAX_WINDOW, target: float = DEMAND_TARGET, smoothing: float = 0.3):
+    Demand is "slow" when the recent average fault latency exceeds `ratio` times the best latency seen
+    lately (the baseline, which drifts up slowly so it follows a machine that got busier), and at
+    least `floor`."""
+
+    def __init__(
+        self, max_window: int = MAX_WINDOW, floor: float = DEMAND_FLOOR, ratio: float = DEMAND_RATIO, smoothing: float = 0.3
+    ):
         self.max_window = max_window
-        self.target = target
+        self.floor = floor
+        self.ratio = ratio
         self.smoothing = smoothing
         self.window = max_window
         self.pause = 0.0
         self.latency = 0.0  # exponentially weighted recent demand fault latency
+        self.baseline = float("inf")
         self._last_fault = float("-inf")
 
+    @property
+    def target(self) -> float:
+        return max(self.floor, self.ratio * self.baseline)
+
     def on_demand_fault(self, seconds: float, now: float) -> None:
+        if self.baseline == float("inf"):
+            self.latency = seconds
         self.latency += self.smoothing * (seconds - self.latency)
+        self.baseline = min(self.baseline * BASELINE_DRIFT, seconds)
         self._last_fault = now
 
     def after_batch(self, now: float) -> None:
@@ -97,7 +116,8 @@ class PrefetchScheduler:
 
 
 class Prefetcher:
-    """Runs the scheduler on a daemon thread over its own source connection, after arming."""
+    """Runs the scheduler on a daemon thread over its own source connection (which it owns and closes),
+    after arming."""
 
     def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True):
         self.device = device
@@ -118,8 +138,10 @@ class Prefetcher:
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the source connection (which also ends a fetch in flight)."""
         self._stop.set()
         self.device.armed_event.set()  # wake a thread still waiting for arming
+        self.source.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -131,6 +153,7 @@ class Prefetcher:
             self._learn_zero_pages()
         log.info("prefetching %d pages", self.device.remaining)
         while not self._stop.is_set():
+            self.device.demand_idle.wait(DEMAND_YIELD)  # demand first: stay off the wire while it fetches
             runs = self.scheduler.next_runs(self.controller.window)
             if not runs:  # everything is local (or being fetched on demand): wait for new mappings
                 self._stop.wait(IDLE_POLL)

@@ -276,7 +276,7 @@ class Ready(Event):
 @dataclass(frozen=True, slots=True)
 class ReadDone(Event):
     handle: int
-    data: bytes | bytearray
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -1034,10 +1034,6 @@ class ClientConnection(_Connection):
         self._transition(Disconnect)
         return REQUEST.pack(wire.REQUEST_MAGIC, 0, Command.DISC, 0, 0, 0)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._inflight)
-
     # transmission: replies
     def _next_reply(self):
         buf = self._buf
@@ -1121,7 +1117,7 @@ class ClientConnection(_Connection):
             if request.received != request.length:
                 raise RemoteProtocolError(
                     f"READ {request.offset}+{request.length} finished with {request.received} bytes covered")
-            return ReadDone(handle, request.buffer)
+            return ReadDone(handle, bytes(request.buffer))
         if request.command == Command.BLOCK_STATUS:
             if not request.extents:
                 raise RemoteProtocolError("BLOCK_STATUS finished without base:allocation extents")

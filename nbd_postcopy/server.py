@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 IOV_MAX = 1024  # buffers per sendmsg()
+MAX_PARKED = 1024  # requests one client may have waiting behind the closed gate
 LARGE_WRITE = 64 * 1024  # buffers this big are written on their own rather than copied into a join
 
 
@@ -174,7 +175,7 @@ class _NbdConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        if sock is not None:  # asyncio's wrapper hides sendmsg(): write through a duplicate descriptor
+            # asyncio's socket wrapper hides sendmsg(): write through a duplicate descriptor.
             self._sock = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
             self._sock.setblocking(False)
         self.peer = str(transport.get_extra_info("peername") or "unix client")
@@ -200,10 +201,12 @@ class _NbdConnection(asyncio.Protocol):
         if not self._closing:
             self.transport.resume_reading()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._process()
-        return None
+        # Keep our side open until the replies still owed are out (_process closes it then). asyncio
+        # cannot do that for TLS transports, and warns when asked to.
+        return not self.conn.tls_active
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -227,6 +230,8 @@ class _NbdConnection(asyncio.Protocol):
                 elif kind is StartTLS:
                     out.append(conn.data_to_send())
                     self._write(out)
+                    # The client's TLS hello must reach the TLS layer, not this protocol: stop reading now.
+                    self.transport.pause_reading()
                     asyncio.ensure_future(self._start_tls())
                     return
                 elif kind is TransmissionStarted:
@@ -278,6 +283,8 @@ class _NbdConnection(asyncio.Protocol):
 
     def _park(self, event) -> None:
         self._waiting += 1
+        if self._waiting == MAX_PARKED:  # take no more requests from this client until the gate opens
+            self.transport.pause_reading()
         asyncio.ensure_future(self._answer_after_gate(event, time.perf_counter()))
 
     async def _answer_after_gate(self, event, started: float) -> None:
@@ -289,6 +296,8 @@ class _NbdConnection(asyncio.Protocol):
             self._waiting -= 1
             if self._closing:
                 self._close_when_idle()
+            elif self._waiting == 0 and not self._reading_paused and self.transport is not None:
+                self.transport.resume_reading()
 
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()

@@ -29,8 +29,9 @@ The freeze gate keeps pages from leaving while the source can still change them:
   --gate closed        hold every READ, BLOCK_STATUS and CACHE until the gate opens:
                        send SIGUSR1 to this process (kill -USR1 PID) to open it
   --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket reports
-                       its guest paused, postmigrate or finish-migrate
-The gate never closes again once open.
+                       its guest paused, postmigrate or finish-migrate (give the server a
+                       -qmp socket of its own: QEMU serves one client per QMP socket)
+The gate never closes again once open. Its opening is logged.
 
 TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
 --tls require refuses it with NBD_REP_ERR_TLS_REQD). With --tls-ca, clients must present a
@@ -72,7 +73,7 @@ def _gate_spec(text: str) -> str:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source (either --file, or --pid with --address and --length)")
-    src.add_argument("--file", metavar="PATH", help="file holding guest RAM (mapped read-only)")
+    src.add_argument("--file", metavar="PATH", help="file holding guest RAM (opened read-only)")
     src.add_argument("--pid", type=int, help="process whose memory to serve")
     src.add_argument("--address", type=str, metavar="ADDR", help="start address in that process (0x... or decimal)")
     src.add_argument("--length", type=parse_size, metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
@@ -81,12 +82,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", default="", metavar="NAME",
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
-                   help="freeze gate (see below); default open")
+                   help="freeze gate (see above); default open")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="F", help="CA that client certificates must be signed by (PEM)")
-    p.add_argument("--tls", choices=("off", "allow", "require"),
+    p.add_argument("--tls", choices=("off", "allow", "require"), metavar="off|allow|require",
                    help="allow or require STARTTLS (default: allow with a certificate, off without)")
 
 

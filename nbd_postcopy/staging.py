@@ -8,11 +8,15 @@
 4. page the range out with process_madvise(MADV_PAGEOUT) and wait for the writeback;
 5. purge the swap cache by reclaiming the memcg; pages it could not drop get the per-CPU
    read-touch + MADV_PAGEOUT fallback;
-6. verify: every page is a swap entry (pagemap) on the device (its slot holds that page's marker), none
-   is present, none is in the swap cache (the page's old frame no longer has PG_swapcache, and the
-   memcg's swapcached counter is 0), and the device's own map agrees when a control socket is given.
+6. verify: every page is a swap entry (pagemap) of one swap type, and sampled slots of the device hold
+   those pages' markers (which proves the type is the device's: /proc/swaps row order is not the swap
+   type once a lower type was swapped off); none is present; none is in the swap cache (per page: the
+   frame it had is no longer an unmapped swap-cache page of its memcg, per /proc/kpageflags and
+   /proc/kpagecgroup; and the memcg's swapcached counter is 0); and the device's own map agrees when a
+   control socket is given.
 
-On failure after the markers were written, the range is overwritten with zeros so that no marker can
+With the default `memcg_name="auto"` the memcg is temporary: afterwards the target is back in its own
+memcg and the dedicated one is removed. On failure after the markers were written, the range is overwritten with zeros so that no marker can
 ever be read as guest data, the target goes back to its memcg and the dedicated memcg is removed.
 Staging destroys whatever the range held before; it is meant for fresh destination RAM.
 """
@@ -25,7 +29,8 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -34,7 +39,7 @@ from . import PAGE_SIZE
 from . import linux
 from .control import ControlError, request
 from .markers import MarkerCodec
-from .memcg import Memcg
+from .memcg import Memcg, find_by_inode
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -207,8 +212,25 @@ def wait_for_writeback(memcg: Memcg, include_global: bool, timeout: float = WRIT
         time.sleep(0.005)
 
 
+class Frames:
+    """Per page of the range: the frame (PFN) it had when last seen present and the memcg it was charged to.
+
+    Two flat arrays (16 bytes per page), so ranges of hundreds of GiB stay affordable; 0 = not recorded.
+    """
+
+    def __init__(self, pages: int):
+        self.pfn = array("Q", bytes(8 * pages))
+        self.memcg = array("Q", bytes(8 * pages))
+
+    def charged_elsewhere(self, memcg_inode: int) -> int:
+        """How many recorded pages are charged to another memcg than `memcg_inode`."""
+        return sum(1 for cg in self.memcg if cg and cg != memcg_inode)
+
+
 class _Pages:
     """Page-level view of the staged range through pagemap, kpageflags and kpagecgroup."""
+
+    SCAN_PAGES = 65536  # pages looked at per pass of the swap-cache check (bounds its memory)
 
     def __init__(self, pid: int, address: int, pages: int):
         self.address = address
@@ -218,29 +240,34 @@ class _Pages:
     def entries(self):
         return self.pagemap.entries(self.address, self.pages)
 
-    def frames(self, indices: list[int] | None = None) -> dict[int, tuple[int, int]]:
-        """page index -> (PFN, memcg inode it is charged to), for the present pages among `indices`."""
+    def record_frames(self, frames: Frames, indices: Iterable[int] | None = None) -> None:
+        """Record the frame and memcg of the present pages among `indices` (all pages by default)."""
         entries = self.entries()
-        indices = range(self.pages) if indices is None else indices
-        pfns = {i: linux.pfn(entries[i]) for i in indices if linux.is_present(entries[i])}
-        charged = linux.page_cgroups(pfns.values())
-        return {i: (f, charged[f]) for i, f in pfns.items()}
+        indices = range(self.pages) if indices is None else list(indices)  # a range slices lazily
+        for start in range(0, len(indices), self.SCAN_PAGES):
+            present = [i for i in indices[start:start + self.SCAN_PAGES] if linux.is_present(entries[i])]
+            pfns = [linux.pfn(entries[i]) for i in present]
+            for i, pfn, cg in zip(present, pfns, linux.page_cgroups(pfns)):
+                frames.pfn[i] = pfn
+                frames.memcg[i] = cg
 
-    @staticmethod
-    def still_in_swap_cache(frames: dict[int, tuple[int, int]]) -> list[int]:
-        """Pages whose old frame is still an unmapped swap-cache page charged to the same memcg as before.
+    def still_in_swap_cache(self, frames: Frames) -> list[int]:
+        """Pages whose recorded frame is still an unmapped swap-cache page charged to the same memcg.
 
         A page keeps its frame while it sits in the swap cache, so this is a per-page check. It errs on the
         safe side: a frame freed and reused for another unmapped swap-cache page of that memcg (swap
         readahead of a neighbour) reads as still cached. Compaction moving a swap-cache page is the one
         way to miss it, which the memcg's swapcached counter catches.
         """
-        if not frames:
-            return []
-        flags = linux.page_flags(f for f, _ in frames.values())
-        now = linux.page_cgroups(f for f, _ in frames.values())
-        return sorted(i for i, (f, cg) in frames.items()
-                      if flags[f] >> linux.KPF_SWAPCACHE & 1 and not flags[f] >> linux.KPF_MMAP & 1 and now[f] == cg)
+        cached = []
+        for start in range(0, self.pages, self.SCAN_PAGES):
+            recorded = [i for i in range(start, min(start + self.SCAN_PAGES, self.pages)) if frames.pfn[i]]
+            flags = linux.page_flags([frames.pfn[i] for i in recorded])
+            candidates = [i for i, f in zip(recorded, flags)
+                          if f >> linux.KPF_SWAPCACHE & 1 and not f >> linux.KPF_MMAP & 1]
+            now = linux.page_cgroups([frames.pfn[i] for i in candidates])
+            cached += [i for i, cg in zip(candidates, now) if cg == frames.memcg[i]]
+        return cached
 
     def close(self) -> None:
         self.pagemap.close()
@@ -299,11 +326,11 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
             write_pages(pid, address, pages, codec.header, bar)
             bar.finish()
             phase("markers")
-            frames = view.frames()
-            memcg_inode = memcg.inode
-            foreign = [i for i, (_, cg) in frames.items() if cg != memcg_inode]
+            frames = Frames(pages)
+            view.record_frames(frames)
+            foreign = frames.charged_elsewhere(memcg.inode)
             if foreign:
-                log.info("%d pages were touched before staging and stay charged to another memcg", len(foreign))
+                log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
             bar = Progress("paging out", pages, quiet=quiet, stream=stream)
             pageout(pidfd, address, list(range(pages)), bar)
             bar.finish()
@@ -335,7 +362,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
     return report
 
 
-def _leftovers(view: _Pages, frames: dict[int, tuple[int, int]], settle: float = SETTLE_SECONDS) -> list[int]:
+def _leftovers(view: _Pages, frames: Frames, settle: float = SETTLE_SECONDS) -> list[int]:
     """Pages still present, not swapped, or whose frame is still in the swap cache.
 
     A few pages leave the swap cache a moment after the writeback ends (per-CPU batches draining), so
@@ -344,17 +371,21 @@ def _leftovers(view: _Pages, frames: dict[int, tuple[int, int]], settle: float =
     deadline = time.monotonic() + settle
     while True:
         entries = view.entries()
-        bad = {i for i in range(view.pages) if linux.is_present(entries[i]) or not linux.is_swapped(entries[i])}
-        bad.update(view.still_in_swap_cache(frames))
+        bad = set(view.still_in_swap_cache(frames))
+        if not linux.all_swapped_out(entries):
+            bad.update(i for i in range(view.pages) if linux.is_present(entries[i]) or not linux.is_swapped(entries[i]))
         if not bad or time.monotonic() > deadline:
             return sorted(bad)
         time.sleep(0.02)
 
 
 def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pages: list[int],
-              cpus: list[int], frames: dict[int, tuple[int, int]]) -> None:
+              cpus: list[int], frames: Frames) -> None:
     """Read-touch + MADV_PAGEOUT the pages on each CPU in turn, until none is left in the swap cache.
 
+    A touch that misses the swap cache would start swap readahead, which leaves unmapped copies of the
+    neighbours in the swap cache where MADV_PAGEOUT cannot reach them. So MADV_WILLNEED (which reads
+    exactly the pages asked for) brings any missing page in first, and the touch always hits.
     `frames` is updated with the frames the touched pages have now.
     """
     for _ in range(FALLBACK_ROUNDS):
@@ -362,8 +393,10 @@ def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pa
             if not pages:
                 return
             with pinned_to(cpu):
+                for start, count in linux.page_runs(pages):
+                    linux.process_madvise(pidfd, address + start * PAGE_SIZE, count * PAGE_SIZE, linux.MADV_WILLNEED)
                 touch_pages(pid, address, pages)
-                frames.update(view.frames(pages))
+                view.record_frames(frames, pages)
                 pageout(pidfd, address, pages)
             wait_for_writeback(memcg, include_global=True)
             memcg.purge()
@@ -372,22 +405,23 @@ def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pa
 
 
 def _verify(view: _Pages, report: StageReport, area: linux.SwapArea, codec: MarkerCodec, memcg: Memcg,
-            frames: dict[int, tuple[int, int]]) -> None:
+            frames: Frames) -> None:
     entries = view.entries()
     address = view.address
-    present = [i for i in range(view.pages) if linux.is_present(entries[i])]
-    if present:
-        raise StagingError(f"verify: still resident after page-out: {_describe(present, address)}")
-    missing = [i for i in range(view.pages) if not linux.is_swapped(entries[i])]
-    if missing:
+    if not linux.all_swapped_out(entries):
+        present = [i for i in range(view.pages) if linux.is_present(entries[i])]
+        if present:
+            raise StagingError(f"verify: still resident after page-out: {_describe(present, address)}")
+        missing = [i for i in range(view.pages) if not linux.is_swapped(entries[i])]
         raise StagingError(f"verify: not a swap entry (pagemap bit 62 clear): {_describe(missing, address)}")
-    types: dict[int, list[int]] = {}
-    for i in range(view.pages):
-        types.setdefault(linux.swap_type(entries[i]), []).append(i)
-    if len(types) != 1:
+    swap_type = linux.common_swap_type(entries)
+    if swap_type is None:
+        types: dict[int, list[int]] = {}
+        for i in range(view.pages):
+            types.setdefault(linux.swap_type(entries[i]), []).append(i)
         detail = "; ".join(f"type {t}: {_describe(p, address)}" for t, p in sorted(types.items()))
         raise StagingError(f"verify: pages went to more than one swap device: {detail}")
-    report.swap_type = next(iter(types))
+    report.swap_type = swap_type
     beyond = [i for i in range(view.pages) if linux.swap_offset(entries[i]) > area.size_pages]
     if beyond:
         raise StagingError(f"verify: swap offsets beyond the size of {area.filename}, so the pages are on another "
@@ -409,6 +443,29 @@ def _verify(view: _Pages, report: StageReport, area: linux.SwapArea, codec: Mark
     if report.memcg_swapcached_bytes:
         raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
                            "swap cache after reclaim")
+    _verify_other_memcgs(frames, memcg)
+
+
+def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
+    """Pages touched before staging stay charged to the memcg they were in. A swap-cache copy of one of them
+    would be charged there too, so that memcg's swapcached counter must be 0 (it may include other
+    processes' pages: then this check cannot tell, and says so)."""
+    for inode in set(frames.memcg) - {0, memcg.inode}:
+        path = find_by_inode(memcg.version, inode)
+        if path is None:
+            log.warning("pages of the range are charged to a memcg that no longer exists (inode %d): "
+                        "its swap cache cannot be checked", inode)
+            continue
+        other = Memcg(memcg.version, path, created=False)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while (cached := other.swapcached_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if cached:
+            count = sum(1 for cg in frames.memcg if cg == inode)
+            raise StagingError(
+                f"verify: {count} pages of the range were touched before staging and stay charged to memcg {path}, "
+                f"which has {cached} bytes in the swap cache: some may be pages of the range (stage memory that "
+                "was never touched, as an -incoming QEMU's, or make sure nothing else there uses swap)")
 
 
 def record_target(device: str, pid: int, address: int, length: int) -> Path | None:

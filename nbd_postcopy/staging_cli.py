@@ -18,12 +18,15 @@ is a swap entry on DEV, none is resident and none is in the swap cache.
 
 The range's old contents are destroyed: stage fresh destination RAM. DEV must be an active swap device
 with the highest priority, with free slots for the range plus headroom, and zswap must be off. If staging
-fails after writing markers, the range is zeroed so no marker can be read as data.
+fails after writing markers, the range is zeroed so no marker can be read as data. When DEV was attached
+by scripts/setup-swap.sh, the target is recorded in its state directory (STATE/target), so that
+'setup-swap.sh detach NAME' knows what to complete.
 
 examples:
-  head -c 32 /dev/urandom > /run/nbd-postcopy/key
+  head -c 32 /dev/urandom > /run/vm1.key
+  scripts/setup-swap.sh attach --name vm1 -- source=nbd://SRC:10809/ram pages=65536 key=/run/vm1.key
   nbd-postcopy stage --pid 4242 --address 0x7f0000000000 --length 268435456 \\
-      --key /run/nbd-postcopy/key --device /dev/loop3 --control /run/nbd-postcopy/vm1.ctl
+      --key /run/vm1.key --device /dev/loop3 --control /run/nbd-postcopy/vm1/control.sock
   nbd-postcopy stage --pid 4242 --address 0x7f0000000000 --length 256M --key KEY --device /dev/loop3 --quiet
 """
 

@@ -263,5 +263,3 @@ U64 = struct.Struct(">Q")
 assert REQUEST.size == Request.sizeof() == 28
 assert SIMPLE_REPLY.size == SimpleReply.sizeof() == 16
 assert CHUNK_HEADER.size == StructuredReplyHeader.sizeof() == 20
-
-COMMAND_TYPES = frozenset(int(c) for c in Command)

@@ -9,7 +9,8 @@ guest pages. Writes of keyed marker pages (from `nbd-postcopy stage`) map slots 
 writes are kept as overlay data. After arming (`armed=yes`, or the `arm` command on the control socket),
 a read of a mapped slot fetches the page from the source (and a background prefetcher pulls the rest);
 before it, such a read returns the marker again. A read waits up to timeout= seconds (default 60) for an
-unavailable source, then fails with EIO. Run `nbdkit python plugin/postcopy.py --dump-plugin` for the
+unavailable source, then fails with EIO. nbdkit refuses to start if the source cannot be reached within
+5 seconds (or timeout=, if shorter) or is smaller than the guest. Run `nbdkit python plugin/postcopy.py --dump-plugin` for the
 keys. The logic lives in the nbd_postcopy package (device.py, prefetch.py, control.py); this file only
 connects it to nbdkit.
 """
@@ -37,6 +38,7 @@ MAX_REQUEST = 32 * 1024 * 1024
 # Python hands the GIL to a waiting thread only every switch interval (default 5 ms): keep it short so a
 # demand read never waits long behind the prefetcher's or the source clients' threads.
 GIL_SWITCH_INTERVAL = 0.0005
+STARTUP_CONNECT_TIMEOUT = 5.0  # seconds (or timeout=, if shorter) to reach the source at startup
 
 log = logging.getLogger("nbd_postcopy.plugin")
 
@@ -102,15 +104,15 @@ def after_fork():
 
 def _start_services():
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    demand = SourceClient(_config.source, name="demand", on_state=_device.on_source_state)
+    connect_timeout = min(STARTUP_CONNECT_TIMEOUT, _config.timeout)
+    demand = SourceClient(_config.source, name="demand", connect_timeout=connect_timeout, on_state=_device.on_source_state)
     _services.append(demand)
     if demand.size < _device.pages * PAGE_SIZE:
         raise RuntimeError(f"the source {_config.source} holds {demand.size} bytes, less than pages={_device.pages}")
     _device.demand_source = demand
     _device.source_connected = demand.connected
     if _config.prefetch:
-        source = SourceClient(_config.source, name="prefetch")
-        _services.append(source)
+        source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout)
         prefetcher = Prefetcher(_device, source, timeout=_config.timeout)
         _services.append(prefetcher)
         prefetcher.start()

@@ -28,3 +28,17 @@ def test_bench_staging_smoke(run_dir: Path):
     result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| nbdkit memory (C) | 16 |" in (run_dir / "staging.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bench_migrate_smoke(run_dir: Path):
+    # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
+    argv = [sys.executable, BENCHMARKS / "bench_migrate.py", "--sizes", "128", "--workloads", "idle", "--settle", "0.5",
+            "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "migrate.md").read_text()
+    assert "FAILED" not in table, table
+    for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
+        assert f"| {method} | 128 | idle |" in table

@@ -180,3 +180,25 @@ def test_no_server_at_start_is_source_unavailable(run_dir):
     with pytest.raises(SourceUnavailable, match="cannot connect to .* within 0.3s"):
         SourceClient(f"nbd+unix:///?socket={run_dir}/nothing.sock", connect_timeout=0.3)
     assert time.monotonic() - started < 2
+
+
+def test_close_wakes_waiting_callers(processes, run_dir, image):
+    path, _ = image
+    start_server(processes, run_dir, "nbd-postcopy", path, "--gate", "closed")
+    client = SourceClient(f"nbd+unix:///ram?socket={run_dir}/nbd-postcopy.sock")
+    errors = []
+
+    def reader():
+        try:
+            client.read(0, PAGE, timeout=20)
+        except SourceUnavailable as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.3)  # the read waits behind the closed gate
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive() and errors and "closed" in errors[0]
+    with pytest.raises(SourceUnavailable, match="is closed"):
+        client.read(0, PAGE)

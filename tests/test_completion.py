@@ -106,9 +106,9 @@ def test_complete_command_line(plain_swap, processes, codec):
 
 @pytest.mark.slow
 def test_stage_arm_complete_detach_on_the_real_device(swap_lock, processes, run_dir, codec):
-    """The administrator's flow: `nbd-postcopy stage` (records the target), arm, a few demand faults while
-    the prefetcher runs, then `setup-swap.sh detach`, which completes and tears down. The workload then
-    holds the source image byte for byte and no swap area is left."""
+    """The administrator's flow: `nbd-postcopy stage` (records the target), arm, demand faults on pages the
+    prefetcher has not reached, then `setup-swap.sh detach`, which completes and tears down. The workload
+    then holds the source image byte for byte, and nothing is left (the fixture fails on leftovers)."""
     from nbd_postcopy.control import request
     from tests import servers
     from tests.swapdev import attached_postcopy_swap, in_proc_swaps, run_setup_swap
@@ -130,6 +130,9 @@ def test_stage_arm_complete_detach_on_the_real_device(swap_lock, processes, run_
                 f"target_pid={work.pid}\ntarget_address={work.address:#x}\ntarget_length={work.length}\n")
             assert request(str(swap.control), "arm")["armed"]
             pswpin = linux.vmstat("pswpin")["pswpin"]
+            # The guest touches every 64th page while the prefetcher runs: the device fetches on demand.
+            assert work.command("touch 64")["pages"] == work.pages // 64
+            assert request(str(swap.control), "status")["fetched_demand"] > 0
 
             detach = run_setup_swap("detach", swap.name, timeout=300, env={
                 "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"})

@@ -40,6 +40,9 @@ class FakeSource:
             self.before_reply()
         return [self.image[offset : offset + length] for offset, length in ranges]
 
+    def close(self):
+        self.down = True
+
     def block_status(self, offset, length, timeout):
         """base:allocation extents: all-zero pages as HOLE|ZERO (3), others as data (0)."""
         extents = []
@@ -340,3 +343,14 @@ def test_bitmap_ranges():
         bitmap.set_range(0, 256)
         bitmap.clear_range(start, end)
         assert [i for i in range(256) if not bitmap.get(i)] == list(range(start, end))
+
+
+def test_big_write_mixing_markers_and_data(tmp_path, codec):
+    device, source = make_device(tmp_path, pages=3000, headroom=0)
+    pages = [codec.page(i) if i % 3 == 0 else os.urandom(P) for i in range(3000)]
+    device.write(b"".join(pages), P)  # crosses several lock batches
+    assert device.status()["mapped"] == 1000 and device.status()["overlay_pages"] == 2000
+    assert all(device.guest_of(1 + i) == i for i in range(0, 3000, 3))
+    device.arm()
+    expected = b"".join(source.image[i * P : (i + 1) * P] if i % 3 == 0 else page for i, page in enumerate(pages))
+    assert device.read(P, 3000 * P) == expected

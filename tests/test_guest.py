@@ -47,6 +47,12 @@ def test_prepare_guest_is_cached_and_instant(guest_image):
     assert guest_image.kernel.name.startswith("vmlinuz-") and guest_image.kernel.stat().st_size > 1 << 20
 
 
+def test_the_kernel_package_is_resolved_from_the_cloud_metapackage():
+    from nbd_postcopy.guest import _versioned_kernel_package
+
+    assert re.fullmatch(r"linux-image-[0-9][\w.+-]*-cloud-amd64", _versioned_kernel_package())
+
+
 def test_initramfs_holds_init_busybox_memcheck_and_console(guest_image):
     listing = subprocess.run(
         f"zcat {guest_image.initramfs} | cpio -itv", shell=True, capture_output=True, text=True, check=True
@@ -151,6 +157,7 @@ def test_guest_reports_a_page_corrupted_from_the_host(guest_image, run_dir):
     seed, page = 77, 1000
     with Vm(guest_image, run_dir, name="corrupt", memory_mib=128, append=f"memcheck.seed={seed}") as vm:
         vm.console.wait_for(PassOk, timeout=60)
+        mark = vm.console.mark()
         fd = os.open(vm.ram_file, os.O_RDWR)
         try:
             with mmap.mmap(fd, 0) as ram:
@@ -161,7 +168,6 @@ def test_guest_reports_a_page_corrupted_from_the_host(guest_image, run_dir):
                 ram[offset + 16:offset + 24] = b"\xff" * 8
         finally:
             os.close(fd)
-        mark = vm.console.mark()
         failure = vm.console.wait_for(Failure, after=mark, timeout=30)[0]
         assert failure.line.startswith(f"FAIL page={page} word=2 ")
         assert failure.line.endswith("got=0xffffffffffffffff")

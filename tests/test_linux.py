@@ -39,6 +39,20 @@ def test_swap_entry_fields():
     assert linux.is_present(present) and linux.pfn(present) == 0xABCDE
 
 
+def test_fast_pagemap_summaries():
+    from array import array
+
+    swapped = array("Q", [linux.PM_SWAP | (offset << 5) | 2 for offset in range(1, 1000)])
+    assert linux.all_swapped_out(swapped) and linux.common_swap_type(swapped) == 2
+    mixed = array("Q", swapped)
+    mixed[500] = linux.PM_SWAP | (7 << 5) | 3
+    assert linux.all_swapped_out(mixed) and linux.common_swap_type(mixed) is None
+    mixed[10] = linux.PM_PRESENT | 0x1234
+    assert not linux.all_swapped_out(mixed)
+    mixed[10] = 0  # neither present nor swapped (never touched)
+    assert not linux.all_swapped_out(mixed)
+
+
 def test_parse_swaps():
     text = ("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
             "/dev/loop3                              partition\t1048572\t\t4096\t\t32767\n"
@@ -116,7 +130,7 @@ def test_memcg_charges_pages_written_after_the_move(processes):
         linux.process_vm_writev(work.pid, b"x" * work.length, work.address)
         with linux.Pagemap(work.pid) as pagemap:
             frames = [linux.pfn(e) for e in pagemap.entries(work.address, work.pages)]
-        assert set(linux.page_cgroups(frames).values()) == {memcg.inode}
+        assert set(linux.page_cgroups(frames)) == {memcg.inode}
         assert memcg.stat()["rss"] >= work.length
     finally:
         memcg.remove(home)

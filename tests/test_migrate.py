@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 from nbd_postcopy import migrate as migrate_module
-from nbd_postcopy.guest import Failure, PassOk, prepare_guest
+from nbd_postcopy.guest import Failure, Heartbeat, PassOk, prepare_guest
 from nbd_postcopy.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
-from nbd_postcopy.qemu import Vm, merged_heartbeats
+from nbd_postcopy.qemu import Vm, VmError, merged_heartbeats
 
 MIB = 1 << 20
 
@@ -68,8 +69,10 @@ def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
         source.wait_exit(10)
 
         after = destination.console.mark()
+        time.sleep(3)  # the guest keeps running on its own for a while after the source is gone
         passes = destination.console.wait_for(PassOk, count=3, after=after, timeout=60)
         assert [p.number for p in passes] == list(range(passes[0].number, passes[0].number + 3))
+        assert len(destination.console.events(Heartbeat, after=after)) >= 20
         beats = merged_heartbeats(source.console, destination.console)
         assert [b.counter for b in beats] == list(range(beats[0].counter, beats[-1].counter + 1))
         assert source.console.events(Failure) == [] and destination.console.events(Failure) == []
@@ -102,4 +105,40 @@ def test_device_killed_before_the_switchover_leaves_the_source_running(guest_ima
         assert source.qmp.status() == "running"
         source.console.wait_for(PassOk, after=source.console.mark(), timeout=30)
         assert source.console.events(Failure) == []
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_without_the_freeze_gate_the_checker_sees_stale_pages(guest_image, run_dir, swap_lock, monkeypatch):
+    """The negative control for the gate: serve with --gate open and let the prefetcher run while the
+    source guest still rewrites its memory; the destination guest must then report stale pages (or
+    crash on stale kernel memory)."""
+    real_popen = migrate_module.subprocess.Popen
+    real_switch_over = migrate_module._Migration._switch_over
+
+    def popen_with_the_gate_open(argv, *args, **kwargs):
+        if "serve" in argv:
+            argv = [("open" if a == "closed" else a) for a in argv]
+        return real_popen(argv, *args, **kwargs)
+
+    def switch_over_late(self, source, destination):
+        time.sleep(3)  # the prefetcher copies pages that the source guest rewrites afterwards
+        return real_switch_over(self, source, destination)
+
+    monkeypatch.setattr(migrate_module.subprocess, "Popen", popen_with_the_gate_open)
+    monkeypatch.setattr(migrate_module._Migration, "_switch_over", switch_over_late)
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=8 memcheck.mode=write")
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        try:
+            migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                   quiet=True))
+        except MigrateError as exc:
+            assert "exited after the switchover" in str(exc), exc
+        try:
+            failure = destination.console.wait_for(Failure, timeout=60)[0]
+            assert failure.line.startswith("FAIL ")
+        except VmError:  # stale kernel pages can also crash the guest before memcheck reports
+            assert destination.process.poll() is not None, "the guest neither reported nor crashed"
     _nothing_left(run_dir)

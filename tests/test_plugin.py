@@ -20,6 +20,7 @@ import pytest
 from nbd_postcopy import PAGE_SIZE, swapheader
 from nbd_postcopy.control import request
 from nbd_postcopy.markers import MarkerCodec
+from nbd_postcopy.plugin_config import parse_size
 from tests.conftest import PLUGIN, wait_for_path
 from tests.servers import free_tcp_port, serve, stop, write_image
 
@@ -327,13 +328,23 @@ def test_prometheus_scrapes_plugin_and_source(processes, run_dir, image, key_fil
 
 def test_unreachable_or_small_source_at_startup_is_a_clear_error(run_dir, image, key_file):
     result = run_plugin_config(
-        f"source=nbd+unix:///?socket={run_dir}/none.sock", "pages=16", f"key={key_file}", socket=str(run_dir / "a.sock")
+        f"source=nbd+unix:///?socket={run_dir}/none.sock", "pages=16", f"key={key_file}", "timeout=1",
+        socket=str(run_dir / "a.sock"),
     )
     assert result.returncode != 0
     assert "nbdkit: postcopy: error: demand: cannot connect to nbd+unix:///?socket=" in result.stderr, result.stderr
+    assert "within 1s" in result.stderr
     with serve("nbd-postcopy", run_dir, image=image) as server:
         result = run_plugin_config(
             f"source={server.uri('unix')}", f"pages={PAGES + 1}", f"key={key_file}", socket=str(run_dir / "b.sock")
         )
     assert result.returncode != 0
     assert f"holds {PAGES * P} bytes, less than pages={PAGES + 1}" in result.stderr, result.stderr
+
+
+def test_parse_size():
+    assert parse_size("4096") == 4096
+    assert parse_size("256M") == parse_size("256MiB") == 256 << 20
+    assert parse_size("1g") == 1 << 30 and parse_size("4k") == 4096
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("12 apples")

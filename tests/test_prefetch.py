@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from nbd_postcopy import PAGE_SIZE
 from nbd_postcopy.device import Run
-from nbd_postcopy.prefetch import DEMAND_TARGET, PrefetchScheduler, Prefetcher, RateController
+from nbd_postcopy.prefetch import PrefetchScheduler, Prefetcher, RateController
 from tests.test_device import make_device, random_image, stage
 
 P = PAGE_SIZE
@@ -64,22 +66,37 @@ def test_sweep_wraps_to_pick_up_slots_behind_the_cursor(tmp_path):
 
 
 def test_rate_controller_backs_off_under_slow_demand_and_recovers():
-    controller = RateController(max_window=8)
+    controller = RateController(max_window=8, floor=100e-6, ratio=2.0)
     assert controller.window == 8 and controller.pause == 0
     now = 100.0
-    for _ in range(5):
-        controller.on_demand_fault(DEMAND_TARGET * 10, now)
+    for _ in range(20):  # an idle machine: faults take 200 us
+        now += 0.01
+        controller.on_demand_fault(200e-6, now)
+        controller.after_batch(now)
+    assert controller.window == 8 and controller.pause == 0
+    assert controller.target == pytest.approx(400e-6, rel=0.05)
+    for _ in range(5):  # prefetching made them 1 ms
+        now += 0.01
+        controller.on_demand_fault(1e-3, now)
         controller.after_batch(now)
     assert controller.window == 1 and controller.pause > 0
     for _ in range(20):
-        now += 0.1
-        controller.on_demand_fault(DEMAND_TARGET / 10, now)
+        now += 0.01
+        controller.on_demand_fault(200e-6, now)
         controller.after_batch(now)
     assert controller.window == 8 and controller.pause == 0
     # a slow fault long ago does not hold prefetching back
     controller.on_demand_fault(1.0, now)
     controller.after_batch(now + 5)
     assert controller.window == 8
+
+
+def test_rate_controller_floor():
+    controller = RateController(floor=250e-6, ratio=2.0)
+    for i in range(10):
+        controller.on_demand_fault(50e-6, float(i))  # very fast faults: the floor applies
+        controller.after_batch(float(i))
+    assert controller.target == 250e-6 and controller.window == controller.max_window
 
 
 def wait_until(predicate, timeout=10.0):

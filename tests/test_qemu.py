@@ -68,6 +68,21 @@ def test_qmp_errors_name_the_command(guest_image, run_dir):
             find_ram_region(vm, memdev="nope")
 
 
+def test_qmp_events_reach_callbacks_and_waiters(guest_image, run_dir):
+    with Vm(guest_image, run_dir, name="ev", memory_mib=128) as vm:
+        seen = []
+        vm.qmp.on_event(lambda event: seen.append(event.name))
+        mark = vm.qmp.mark()
+        vm.qmp.execute("stop")
+        stop = vm.qmp.wait_event("STOP", after=mark, timeout=5)
+        assert stop.name == "STOP" and "STOP" in seen
+        assert vm.qmp.status() == "paused"
+        vm.qmp.execute("cont")
+        vm.qmp.wait_event("RESUME", after=mark, timeout=5)
+        with pytest.raises(VmError, match="no QMP event SHUTDOWN"):
+            vm.qmp.wait_event("SHUTDOWN", after=vm.qmp.mark(), timeout=0.2)
+
+
 def test_qemu_start_failure_shows_its_error(guest_image, run_dir):
     vm = Vm(guest_image, run_dir, name="bad", memory_mib=128, extra_args=["-no-such-option"])
     with pytest.raises(VmError, match="exited with status 1: .*-no-such-option"):

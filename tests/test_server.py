@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nbd_postcopy.client import SourceClient
+from nbd_postcopy.client import SourceClient, SourceUnavailable
 from nbd_postcopy.gate import Gate, watch_qmp
 from nbd_postcopy.metrics import ServerMetrics
 from nbd_postcopy.protocol import (
@@ -175,6 +175,25 @@ def test_closed_gate_holds_reads_until_it_opens(run_dir, image):
             assert bytes(read.data) == data[:PAGE]
             assert isinstance(cache, CacheDone) and isinstance(status, BlockStatusDone)
             assert server.metrics.gate_open._value.get() == 1
+            client.close()
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_more_requests_than_may_park_behind_the_gate_all_get_answered(run_dir, image):
+    path, data = image
+
+    async def main():
+        server, sock = await started_server(run_dir, path, gate_open=False)
+        try:
+            client = await CoreClient.connect(sock)
+            handles = [client.send(client.conn.read(i % 1000 * PAGE, PAGE)) for i in range(1500)]
+            await asyncio.sleep(0.3)  # the server parks 1024, then stops reading this client
+            server.gate.open("test")
+            events = await client.wait(handles, timeout=20)
+            assert all(bytes(e.data) == data[i % 1000 * PAGE : i % 1000 * PAGE + PAGE] for i, e in enumerate(events))
             client.close()
         finally:
             await server.close()
@@ -414,6 +433,13 @@ def test_tls_ca_requires_a_client_certificate(processes, run_dir, image, tls_fil
                              "--tls-ca", tls_files / "ca-cert.pem", "--tls", "require")
     assert nbdinfo(f"nbds+unix:///?socket={sock}&tls-certificates={tls_files / 'with-client'}").returncode == 0
     assert nbdinfo(f"nbds+unix:///?socket={sock}&tls-certificates={tls_files / 'ca-only'}").returncode != 0
+    client = SourceClient(f"nbds+unix:///?socket={sock}&tls-certificates={tls_files / 'with-client'}")
+    try:
+        assert client.read_many([(0, PAGE), (SIZE - PAGE, PAGE)]) == [image[1][:PAGE], image[1][-PAGE:]]
+    finally:
+        client.close()
+    with pytest.raises(SourceUnavailable):
+        SourceClient(f"nbds+unix:///?socket={sock}&tls-certificates={tls_files / 'ca-only'}", connect_timeout=0.5)
     assert proc.poll() is None
 
 

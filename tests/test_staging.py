@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import subprocess
@@ -224,3 +225,33 @@ def test_staged_workload_reads_the_source_image_through_real_swap_ins(swap_lock,
             assert status["fetched_demand"] == work.pages and status["fetched_prefetch"] == 0
             assert status["remaining"] == 0 and status["complete"] and status["anomalies"] == anomalies
             work.exit()
+
+
+@pytest.mark.slow
+def test_a_failed_verify_zeroes_the_range_and_restores_the_memcg(swap_lock, processes, run_dir, codec):
+    """A device whose map disagrees (it already holds another range) fails the cross-check: the error says
+    so and what state is left, the range holds zeros (no marker can be read as data), the memcg is gone."""
+    from tests import servers
+    from tests.swapdev import attached_postcopy_swap
+
+    image = run_dir / "ram.img"
+    servers.write_image(image, 16 << 20)
+    with servers.serve("nbd-postcopy", run_dir, image=image) as source:
+        keys = {"source": source.uri("unix"), "size": 16 << 20, "key": run_dir / "key"}
+        with attached_postcopy_swap(run_dir, keys) as swap:
+            first = Workload(processes, 16, "--fresh")
+            stage_range(first.pid, first.address, first.length, codec, swap.device, control=str(swap.control),
+                        quiet=True)
+            second = Workload(processes, 8, "--fresh")
+            home = task_memcg(second.pid)[1]
+            with pytest.raises(StagingError) as info:
+                stage_range(second.pid, second.address, second.length, codec, swap.device,
+                            control=str(swap.control), quiet=True)
+            message = str(info.value)
+            assert "verify: the device maps 6144 guest pages but 2048 were staged" in message
+            assert "state left: the range was overwritten with zeros" in message
+            assert f"process {second.pid} is back in memcg {home}" in message
+            assert no_auto_memcg_left(second.pid, home)
+            assert second.command("checksum")["sha256"] == hashlib.sha256(bytes(second.length)).hexdigest()
+            first.exit()
+            second.exit()

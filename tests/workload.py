@@ -10,7 +10,7 @@ It maps the memory (MAP_PRIVATE|MAP_ANONYMOUS), fills it from `--seed` (or leave
     verify-seed         compare with the seeded contents             -> same
     fill SEED           overwrite the range with the contents of SEED (verify-seed then uses it) -> {"seed"}
     checksum            sha256 of the range                          -> {"sha256"}
-    touch               read one byte of every page                  -> {"pages"}
+    touch [STEP]        read one byte of every page (or of every STEP-th page) -> {"pages"}
     smaps               AnonHugePages / Swap / Rss / KSM of the mapping holding the range (kB) -> {...}
     exit                exit 0
 
@@ -36,8 +36,8 @@ CHUNK = 1 << 20
 def seeded_contents(seed: int, length: int, distinct: int = 0) -> bytes:
     """The contents a workload with this seed holds: random, or `distinct` random pages repeated."""
     rng = random.Random(seed)
-    if not distinct:
-        return rng.randbytes(length)
+    if not distinct:  # in 1 MiB pieces: randbytes() of more than 256 MiB overflows
+        return b"".join(rng.randbytes(min(CHUNK, length - i)) for i in range(0, length, CHUNK))
     pages = [rng.randbytes(PAGE) for _ in range(distinct)]
     return b"".join(pages[i % distinct] for i in range(length // PAGE))
 
@@ -113,8 +113,9 @@ def main() -> int:
         elif command == "checksum":
             reply({"sha256": hashlib.sha256(memory).hexdigest()})
         elif command == "touch":
-            total = sum(memory[i] for i in range(0, length, PAGE))
-            reply({"pages": length // PAGE, "sum": total})
+            step = PAGE * int(argument or 1)
+            total = sum(memory[i] for i in range(0, length, step))
+            reply({"pages": len(range(0, length, step)), "sum": total})
         elif command == "smaps":
             reply(smaps(address))
         elif command == "exit":
