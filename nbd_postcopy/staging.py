@@ -6,8 +6,9 @@
 2. move the target into a dedicated memcg, BEFORE any page is written (charges do not move here);
 3. write a keyed marker into every page (the device learns slot -> guest page from these writes);
 4. page the range out with process_madvise(MADV_PAGEOUT) and wait for the writeback;
-5. purge the swap cache by reclaiming the memcg; pages it could not drop get the per-CPU
-   read-touch + MADV_PAGEOUT fallback;
+5. purge the swap cache by reclaiming the memcg; pages it could not drop (pages touched before staging
+   stay charged to their old memcg) get the per-CPU read-touch + MADV_PAGEOUT fallback, and a page that
+   turns up in the swap cache again a moment later gets it once more (up to VERIFY_ATTEMPTS);
 6. verify: every page is a swap entry (pagemap) of one swap type, and sampled slots of the device hold
    those pages' markers (which proves the type is the device's: /proc/swaps row order is not the swap
    type once a lower type was swapped off); none is present; none is in the swap cache (per page: the
@@ -49,6 +50,7 @@ PAGEOUT_CHUNK_PAGES = 2048  # 8 MiB per process_madvise, for progress
 MIN_HEADROOM_PAGES = 64  # free slots beyond the range: reclaim skips anon memory when swap is full
 DEVICE_SAMPLES = 32  # pages whose slot is read back from the device
 FALLBACK_ROUNDS = 4
+VERIFY_ATTEMPTS = 5
 WRITEBACK_TIMEOUT = 120.0
 SETTLE_SECONDS = 1.0
 
@@ -337,12 +339,23 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
         wait_for_writeback(memcg, include_global=bool(foreign))
         phase("pageout")
         memcg.purge()
-        leftovers = _leftovers(view, frames)
-        if leftovers:
-            report.fallback_pages = len(leftovers)
-            _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
-        phase("purge")
-        _verify(view, report, area, codec, memcg, frames)
+        for attempt in range(VERIFY_ATTEMPTS):
+            leftovers = _leftovers(view, frames)
+            if leftovers:
+                report.fallback_pages += len(leftovers)
+                _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
+            if attempt == 0:
+                phase("purge")
+            _verify_mapping(view, report, area, codec)
+            # A straggler can turn up in the swap cache a moment after the fallback found none: look again.
+            cached = _leftovers(view, frames)
+            if not cached:
+                break
+            log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
+        else:
+            raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would not "
+                               f"reach the device): {_describe(cached, address)}")
+        _verify_counters(report, memcg, frames)
         if control:
             report.device_mapped = _check_device_map(control, pages)
         phase("verify")
@@ -404,8 +417,8 @@ def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pa
             log.info("fallback on CPU %d: %d pages left", cpu, len(pages))
 
 
-def _verify(view: _Pages, report: StageReport, area: linux.SwapArea, codec: MarkerCodec, memcg: Memcg,
-            frames: Frames) -> None:
+def _verify_mapping(view: _Pages, report: StageReport, area: linux.SwapArea, codec: MarkerCodec) -> None:
+    """Every page is a swap entry on the device and none is present; sets report.swap_type."""
     entries = view.entries()
     address = view.address
     if not linux.all_swapped_out(entries):
@@ -434,16 +447,28 @@ def _verify(view: _Pages, report: StageReport, area: linux.SwapArea, codec: Mark
             what = "no marker" if found is None else f"the marker of page {found}"
             raise StagingError(f"verify: page {i} is in swap slot {slot} of type {report.swap_type}, but that slot "
                                f"of {area.filename} holds {what}: the pages are not on this device")
-    cached = _leftovers(view, frames)
-    if cached:
-        raise StagingError(f"verify: still in the swap cache (a touch would not reach the device): "
-                           f"{_describe(cached, address)}")
-    report.memcg_swapcached_bytes = memcg.swapcached_bytes()
+
+
+def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
+    """The memcg counters agree that nothing is left in the swap cache.
+
+    Weaker evidence than the per-page check (memcg statistics are flushed lazily, so a handful of pages
+    can hide in them), but it also covers a swap-cache page that compaction moved to another frame.
+    """
+    report.memcg_swapcached_bytes = _settled_swapcached(memcg)
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
     if report.memcg_swapcached_bytes:
         raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
                            "swap cache after reclaim")
     _verify_other_memcgs(frames, memcg)
+
+
+def _settled_swapcached(memcg: Memcg) -> int:
+    """The memcg's swapcached bytes, waiting up to SETTLE_SECONDS for them to reach 0."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while (cached := memcg.swapcached_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cached
 
 
 def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
@@ -456,10 +481,7 @@ def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
             log.warning("pages of the range are charged to a memcg that no longer exists (inode %d): "
                         "its swap cache cannot be checked", inode)
             continue
-        other = Memcg(memcg.version, path, created=False)
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while (cached := other.swapcached_bytes()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        cached = _settled_swapcached(Memcg(memcg.version, path, created=False))
         if cached:
             count = sum(1 for cg in frames.memcg if cg == inode)
             raise StagingError(
