@@ -16,7 +16,8 @@ on a shared backend), and the destination's RAM arrives through kernel swap:
 Until the destination resumes, any failure rolls back: the source keeps (or resumes) running, the
 destination QEMU is told to quit (an -incoming QEMU cannot take a second migration), and everything
 started here is stopped. After that point the guest lives at the destination and needs the source
-until every page is local, so a failure leaves the source and the page server up and says so.
+until every page is local, so a failure leaves the source and the page server up and says so; only
+if the destination QEMU itself is gone are they removed, leaving the paused source to be resumed.
 """
 
 from __future__ import annotations
