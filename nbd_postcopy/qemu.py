@@ -381,7 +381,8 @@ class Vm:
             # kvmvapic reads guest RAM while loading device state, before postcopy can supply it.
             "-global", "apic-common.vapic=off",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initramfs),
-            "-append", f"console=ttyS0 panic=-1 quiet {self.append}".strip(),
+            # A guest kernel oops (e.g. on a wrong page) panics, and the panic ends QEMU (-no-reboot).
+            "-append", f"console=ttyS0 panic=-1 oops=panic quiet {self.append}".strip(),
             "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
