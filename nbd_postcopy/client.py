@@ -42,7 +42,7 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 IDLE_CHECK = 0.5  # how often the reader thread looks at an idle connection
 _FOLLOWER_POLL = 0.05  # a waiting caller re-checks whether it should read this often
-_RECV_SIZE = 1 << 20
+_RECV_SIZE = 1 << 20  # bytes taken off the socket at most per read, into a buffer allocated once per link
 
 
 class SourceUnavailable(Exception):
@@ -86,6 +86,9 @@ class _Link:
         self.handles: dict[int, _Request] = {}
         self.send_lock = threading.Lock()  # one writer at a time; TLS also needs reads serialised
         self.alive = True
+        # Replies are read into this buffer (by the thread holding the client's _read_lock): a fresh
+        # 1 MiB bytes object per recv() costs an mmap, page faults and a munmap every time.
+        self.recv_buffer = memoryview(bytearray(_RECV_SIZE))
 
 
 class SourceClient:
@@ -329,19 +332,20 @@ class SourceClient:
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 if not select.select([sock], [], [], wait)[0]:
                     return True
+            buffer = link.recv_buffer
             if isinstance(sock, ssl.SSLSocket):  # reads and writes of one SSL object must not overlap
                 with link.send_lock:
-                    data = sock.recv(_RECV_SIZE)
+                    received = sock.recv_into(buffer)
             else:
-                data = sock.recv(_RECV_SIZE)
+                received = sock.recv_into(buffer)
         except (OSError, ValueError) as exc:  # ValueError: select() on a socket just closed
             self._drop(link, f"receive failed: {exc}")
             return False
-        if not data:
+        if not received:
             self._drop(link, "the source closed the connection")
             return False
         try:
-            self._dispatch(link, data)
+            self._dispatch(link, buffer[:received])
         except ProtocolError as exc:
             log.error("%s: protocol error from %s: %s", self.name, self.uri, exc)
             self._drop(link, f"protocol error: {exc}")

@@ -245,6 +245,7 @@ class Device:
         self.demand_idle = threading.Event()  # set while no demand fetch is in flight
         self.demand_idle.set()
         self._demand_in_flight = 0
+        self.last_demand_end = float("-inf")  # time.monotonic() when the latest demand fetch ended
         self.source_connected = False
         self._fault_listeners: list[Callable[[int, float], None]] = []
         self._complete_logged = False
@@ -319,14 +320,18 @@ class Device:
         log.info("armed: %d mapped pages will be fetched from the source", self.mapped)
         self._check_complete()
 
-    def learn_zero_pages(self, source: PageSource, timeout: float | None = None) -> int:
+    def learn_zero_pages(self, source: PageSource, timeout: float | None = None,
+                         pace: Callable[[], None] | None = None) -> int:
         """Ask the source which guest pages are all zeros; mapped slots holding them become local
-        (their region of the page file is a hole). Returns the number of zero guest pages."""
+        (their region of the page file is a hole). Returns the number of zero guest pages. `pace()`,
+        if given, runs before each block status request (the prefetcher lets demand fetches go first)."""
         timeout = self.timeout if timeout is None else timeout
         end = self.pages * PAGE_SIZE
         offset = 0
         zero_pages = 0
         while offset < end:
+            if pace is not None:
+                pace()
             extents = source.block_status(offset, min(BLOCK_STATUS_CHUNK, end - offset), timeout)
             if not extents:
                 raise DeviceIOError(f"the source answered block status at {offset} with no extents")
@@ -470,6 +475,7 @@ class Device:
     def _demand_finished(self) -> None:
         with self._lock:
             self._demand_in_flight -= 1
+            self.last_demand_end = time.monotonic()
             if not self._demand_in_flight:
                 self.demand_idle.set()
 

@@ -5,11 +5,15 @@ Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
      faults on a page soon wants its neighbours; staging pages a range out in address order, so
      neighbouring slots hold neighbouring guest pages);
   2. then a sweep over all slots, resuming where it stopped.
-Pacing: a batch is not sent while a demand fetch is in flight (up to DEMAND_YIELD), and RateController
-sets the window (runs fetched per round trip): it grows by one after each batch while demand faults stay
-fast, and halves, with a growing pause between batches, while the recent demand fault latency is well
-above the best seen lately. Demand fetches use their own source connection, so they never queue behind this traffic on the
-wire.
+Pacing, demand first: a batch (and each block status request that learns zero pages) waits for a gap in
+demand: no demand fetch in flight and none finished in the last DEMAND_QUIET seconds, since a guest
+faulting in its working set faults again within a millisecond or so, and on a busy 2-core host every
+batch takes CPU from the next fault. Under constant demand it waits at most DEMAND_YIELD, then sends a
+single run. RateController sets the window (runs fetched per round trip): it starts at one right after
+arming (the guest's cold working set faults in then), grows by one after each batch while demand faults
+stay fast, and halves, with a growing pause between batches, while the recent demand fault latency is
+well above the best seen lately. Demand fetches use their own source connection, so they never queue
+behind this traffic on the wire.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ BASELINE_DRIFT = 1.01  # the baseline grows by this factor per fault unless a fa
 DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
 MAX_PAUSE = 0.05
 RETRY_PAUSE = 1.0  # after a failed prefetch fetch
-DEMAND_YIELD = 0.005  # seconds at most that a batch waits for demand fetches in flight to finish
+DEMAND_QUIET = 0.003  # seconds without a demand fault before a batch goes out...
+DEMAND_YIELD = 0.01  # ...waiting at most this long (then one run goes out anyway)
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
 
 
@@ -49,7 +54,7 @@ class RateController:
         self.floor = floor
         self.ratio = ratio
         self.smoothing = smoothing
-        self.window = max_window
+        self.window = 1  # ramps up: right after arming the guest's working set faults in
         self.pause = 0.0
         self.latency = 0.0  # exponentially weighted recent demand fault latency
         self.baseline = float("inf")
@@ -153,8 +158,8 @@ class Prefetcher:
             self._learn_zero_pages()
         log.info("prefetching %d pages", self.device.remaining)
         while not self._stop.is_set():
-            self.device.demand_idle.wait(DEMAND_YIELD)  # demand first: stay off the wire while it fetches
-            runs = self.scheduler.next_runs(self.controller.window)
+            gap = self._wait_for_demand_gap()
+            runs = self.scheduler.next_runs(self.controller.window if gap else 1)
             if not runs:  # everything is local (or being fetched on demand): wait for new mappings
                 self._stop.wait(IDLE_POLL)
                 continue
@@ -167,10 +172,27 @@ class Prefetcher:
             if self.controller.pause:
                 self._stop.wait(self.controller.pause)
 
+    def _wait_for_demand_gap(self) -> bool:
+        """Wait until demand is quiet (see the module doc); False if DEMAND_YIELD ran out first."""
+        device = self.device
+        deadline = time.monotonic() + DEMAND_YIELD
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if not device.demand_idle.is_set():
+                device.demand_idle.wait(deadline - now)
+                continue
+            quiet_left = device.last_demand_end + DEMAND_QUIET - now
+            if quiet_left <= 0:
+                return True
+            self._stop.wait(min(quiet_left, deadline - now))
+        return True
+
     def _learn_zero_pages(self) -> None:
         started = time.monotonic()
         try:
-            zero = self.device.learn_zero_pages(self.source, self.timeout)
+            zero = self.device.learn_zero_pages(self.source, self.timeout, pace=self._wait_for_demand_gap)
         except Exception as exc:  # block status is an optimisation: fetching zero pages is still correct
             log.warning("could not learn zero pages from the source (%s: %s); fetching them", type(exc).__name__, exc)
             return

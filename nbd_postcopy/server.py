@@ -46,6 +46,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 IOV_MAX = 1024  # buffers per sendmsg()
 MAX_PARKED = 1024  # requests one client may have waiting behind the closed gate
 LARGE_WRITE = 64 * 1024  # buffers this big are written on their own rather than copied into a join
+RECV_BUFFER = 256 * 1024  # bytes read from a client at most at once
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,12 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "address already in use")
 
 
-class _NbdConnection(asyncio.Protocol):
-    """One client connection: feeds bytes to the core, answers its events, writes replies."""
+class _NbdConnection(asyncio.BufferedProtocol):
+    """One client connection: feeds bytes to the core, answers its events, writes replies.
+
+    A buffered protocol: the transport reads into our buffer, allocated once. (A plain Protocol gets a
+    fresh 256 KiB bytes object per read: an mmap and munmap for every request.)
+    """
 
     def __init__(self, server: PageServer):
         self.server = server
@@ -165,6 +170,7 @@ class _NbdConnection(asyncio.Protocol):
         self._queue: collections.deque[memoryview] = collections.deque()
         self._queued = 0
         self._reading_paused = False
+        self._recv_buffer = memoryview(bytearray(RECV_BUFFER))
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -208,8 +214,11 @@ class _NbdConnection(asyncio.Protocol):
         # cannot do that for TLS transports, and warns when asked to.
         return not self.conn.tls_active
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._recv_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.receive_data(self._recv_buffer[:nbytes])  # the core copies what it keeps
         self._process()
 
     def _process(self) -> None:

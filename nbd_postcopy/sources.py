@@ -18,7 +18,10 @@ from .wire import StateFlag
 
 ZERO_STATE = int(StateFlag.HOLE | StateFlag.ZERO)
 MAX_EXTENTS = 1024  # extents in one block status answer
-MAX_SCAN = 32 * 1024 * 1024  # bytes one block status answer looks at; the client asks again for the rest
+MAX_SCAN = 32 * 1024 * 1024  # bytes one block status answer covers at most; the client asks again for the rest
+# Bytes of data (not holes) one block status answer reads and scans for zero pages: the scan runs on the
+# server's event loop, so this bounds how long a demand read can wait behind it (~1 ms, not ~10 ms).
+MAX_SCAN_DATA = 2 * 1024 * 1024
 
 
 class SourceOpenError(Exception):
@@ -42,8 +45,12 @@ class Source:
         return _merge(self._scan(offset, offset + min(length, MAX_SCAN)))
 
     def _scan(self, start: int, end: int) -> list[tuple[int, int]]:
-        runs = zero_runs(self.read(start, end - start))
-        return [(stop - begin, ZERO_STATE if zero else 0) for begin, stop, zero in runs]
+        end = min(end, start + MAX_SCAN_DATA)
+        return _zero_extents(self.read(start, end - start))
+
+
+def _zero_extents(data) -> list[tuple[int, int]]:
+    return [(stop - begin, ZERO_STATE if zero else 0) for begin, stop, zero in zero_runs(data)]
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -98,7 +105,8 @@ class FileSource(Source):
     def _scan(self, start: int, end: int) -> list[tuple[int, int]]:
         extents: list[tuple[int, int]] = []
         pos = start
-        while pos < end and len(extents) < MAX_EXTENTS:
+        scanned = 0
+        while pos < end and len(extents) < MAX_EXTENTS and scanned < MAX_SCAN_DATA:
             try:
                 data_at = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as exc:  # ENXIO: a hole up to the end; otherwise no SEEK_DATA: scan it all
@@ -108,7 +116,8 @@ class FileSource(Source):
                 extents.append((stop - pos, ZERO_STATE))
             else:
                 stop = min(pos + _SCAN_STEP, end)
-                extents += super()._scan(pos, stop)
+                extents += _zero_extents(self.read(pos, stop - pos))
+                scanned += stop - pos
             pos = stop
         return extents
 
@@ -152,7 +161,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_SCAN_STEP = 1024 * 1024  # after this much data, look for a hole to skip again
+_SCAN_STEP = 512 * 1024  # after this much data, look for a hole to skip again
 _MAP_READ = 64 * 1024  # smaller reads copy with pread, cheaper than asking mincore
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from nbd_postcopy import PAGE_SIZE
 from nbd_postcopy.device import Run
-from nbd_postcopy.prefetch import PrefetchScheduler, Prefetcher, RateController
+from nbd_postcopy.prefetch import DEMAND_QUIET, DEMAND_YIELD, PrefetchScheduler, Prefetcher, RateController
 from tests.test_device import make_device, random_image, stage
 
 P = PAGE_SIZE
@@ -67,7 +67,7 @@ def test_sweep_wraps_to_pick_up_slots_behind_the_cursor(tmp_path):
 
 def test_rate_controller_backs_off_under_slow_demand_and_recovers():
     controller = RateController(max_window=8, floor=100e-6, ratio=2.0)
-    assert controller.window == 8 and controller.pause == 0
+    assert controller.window == 1 and controller.pause == 0  # ramps up after arming
     now = 100.0
     for _ in range(20):  # an idle machine: faults take 200 us
         now += 0.01
@@ -132,3 +132,18 @@ def test_prefetcher_fetches_everything_then_completes(tmp_path, caplog):
     source.down = True
     assert device.read(P, pages * P) == source.image
     assert device.read((pages + 1) * P, P) == source.image[5 * P : 6 * P]
+
+
+def test_prefetcher_waits_for_a_gap_in_demand(tmp_path):
+    device, source = identity_staged(tmp_path, pages=64)
+    prefetcher = Prefetcher(device, source, timeout=5)  # not started: its wait is called directly
+    try:
+        device._demand_started()  # a demand fetch in flight, and it never ends: wait DEMAND_YIELD at most
+        started = time.monotonic()
+        assert prefetcher._wait_for_demand_gap() is False
+        assert time.monotonic() - started >= DEMAND_YIELD
+        device._demand_finished()  # it just ended: the guest may fault again at once, so wait a little
+        assert prefetcher._wait_for_demand_gap() is True
+        assert time.monotonic() >= device.last_demand_end + DEMAND_QUIET
+    finally:
+        prefetcher.close()
