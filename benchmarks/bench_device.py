@@ -35,6 +35,7 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E402
 from nbd_postcopy import PAGE_SIZE as P  # noqa: E402
 from nbd_postcopy.control import request  # noqa: E402
 from nbd_postcopy.markers import MarkerCodec  # noqa: E402
@@ -127,7 +128,7 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> None:
+def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> Table:
     pages = guest_mib * 256
     image = work / "ram.img"
     with open(image, "wb") as f:
@@ -184,13 +185,28 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> None:
     )
     print(f"  ratio p50 idle / memory: {idle[0] / memory[0]:.2f}x (target <= 2x)")
     print(f"  ratio p99 prefetching / idle: {busy[1] / idle[1]:.2f}x (target <= 2x)")
+    p50_ratio, p99_ratio = idle[0] / memory[0], busy[1] / idle[1]
+    return Table(
+        f"4 KiB read latency at queue depth 1, loopback TCP, {guest_mib} MiB guest, {len(offsets)} reads",
+        ["device", "p50 µs", "p99 µs", "demand fetches", "pages prefetched meanwhile"],
+        [
+            ["nbdkit memory (C)", memory[0], memory[1], "-", "-"],
+            ["postcopy, prefetch off", idle[0], idle[1], results["idle demand"], 0],
+            ["postcopy, prefetcher running", busy[0], busy[1], results["prefetching demand"],
+             results["prefetching prefetched"]],
+            [f"ratios: p50 idle / memory {p50_ratio:.2f}x (target <= 2x, "
+             f"{'met' if p50_ratio <= 2 else 'missed'}); p99 prefetching / idle {p99_ratio:.2f}x (target <= 2x, "
+             f"{'met' if p99_ratio <= 2 else 'missed'})", "", "", "", ""],
+        ],
+    )
 
 
-def bench_rss(work: Path, sizes_mib: list[int]) -> None:
+def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
     key = work / "key"
     key.write_bytes(os.urandom(32))
     codec = MarkerCodec(key.read_bytes())
     print("plugin resident memory (VmRSS) after staging every page:")
+    rows = []
     first = None  # (pages, KiB staged) of the smallest size: the slope from it is the cost per page
     for mib in sizes_mib:
         pages = mib * 256
@@ -216,6 +232,10 @@ def bench_rss(work: Path, sizes_mib: list[int]) -> None:
         else:
             slope = f", {(after - first[1]) * 1024 / (pages - first[0]):.2f} bytes per extra guest page"
         print(f"  {mib:6d} MiB guest ({pages} pages): {before / 1024:6.1f} MiB at start, {after / 1024:6.1f} MiB staged{slope}")
+        per_page = "" if pages == first[0] else round((after - first[1]) * 1024 / (pages - first[0]), 2)
+        rows.append([mib, pages, before / 1024, after / 1024, per_page])
+    return Table("Plugin resident memory after staging every page (target: about 8 bytes per guest page)",
+                 ["guest MiB", "pages", "VmRSS at start MiB", "VmRSS staged MiB", "bytes per extra guest page"], rows)
 
 
 def main() -> int:
@@ -224,14 +244,25 @@ def main() -> int:
     parser.add_argument("--reads", type=int, default=1000, help="at most; also bounded by guest size / 600 slots")
     parser.add_argument("--think-us", type=float, default=1000, help="pause between two measured demand reads")
     parser.add_argument("--rss-sizes", default="256,1024,4096", help="guest sizes in MiB for the RSS measurement")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where device.md and its CSVs go")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/var/tmp"))
+    tables = []
     try:
         if args.guest_mib:
-            bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6)
-        bench_rss(work, [int(s) for s in args.rss_sizes.split(",") if s])
+            tables.append(bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6))
+        tables.append(bench_rss(work, [int(s) for s in args.rss_sizes.split(",") if s]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    notes = [
+        machine_context(),
+        "demand reads: libnbd -> nbdkit + plugin/postcopy.py -> nbd-postcopy serve, every read a real demand "
+        f"fetch of a mapped, not yet local slot, {args.think_us:g} µs apart; reference: nbdkit's C memory plugin",
+        "targets (issue 3): p50 <= 2x the C memory plugin; p99 with the prefetcher running <= 2x p99 idle",
+    ]
+    for path in write_results("device", "Destination device: plugin/postcopy.py vs nbdkit memory", notes, tables,
+                              args.results_dir):
+        print(f"wrote {path}")
     return 0
 
 

@@ -42,3 +42,13 @@ def test_bench_migrate_smoke(run_dir: Path):
     assert "FAILED" not in table, table
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
         assert f"| {method} | 128 | idle |" in table
+
+
+@pytest.mark.slow
+def test_bench_device_smoke(run_dir: Path):
+    argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "16", "--reads", "20", "--rss-sizes", "16,32",
+            "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "device.md").read_text()
+    assert "| nbdkit memory (C) |" in table and "| postcopy, prefetch off |" in table
