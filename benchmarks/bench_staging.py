@@ -37,8 +37,7 @@ from nbd_postcopy.markers import MarkerCodec  # noqa: E402
 from nbd_postcopy.staging import stage_range  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.conftest import Processes  # noqa: E402
-from tests.swapdev import attached_postcopy_swap  # noqa: E402
-from tests.test_staging import plain_swap_device  # noqa: E402
+from tests.swapdev import attached_postcopy_swap, plain_swap_device  # noqa: E402
 from tests.workload import Workload  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"

@@ -9,9 +9,13 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from nbd_postcopy.markers import MarkerCodec
+from tests.swapdev import plain_swap_device
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -93,3 +97,18 @@ def wait_for_path(path: Path, timeout: float = 10.0, proc: subprocess.Popen | No
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout}s")
         time.sleep(0.02)
+
+
+@pytest.fixture
+def plain_swap(swap_lock) -> Iterator[str]:
+    """Name: plain_swap (a 256 MiB plain swap device path)   Scope: function   Depends: swap_lock."""
+    with plain_swap_device(256) as device:
+        yield device
+
+
+@pytest.fixture
+def codec(run_dir) -> MarkerCodec:
+    """Name: codec (a MarkerCodec; its key file is run_dir/key)   Scope: function   Depends: run_dir."""
+    key = run_dir / "key"
+    key.write_bytes(os.urandom(32))
+    return MarkerCodec.from_file(key)

@@ -22,11 +22,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from nbd_postcopy.markers import MarkerCodec
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"
@@ -201,3 +204,41 @@ def attached_postcopy_swap(
             problems.append(f"force-cleaned after detach: {', '.join(leftovers)}")
         if problems and not body_failed:
             raise AssertionError(f"postcopy swap {name}: " + "; ".join(problems))
+
+
+PLAIN_PRIORITY = 32000
+
+
+@contextlib.contextmanager
+def plain_swap_device(size_mib: int, priority: int = PLAIN_PRIORITY) -> Iterator[str]:
+    """A plain swap area: sparse file in /var/tmp -> loop device (direct I/O) -> mkswap -> swapon.
+
+    Name: /var/tmp/nbdpc-swap-XXXX on /dev/loopN   Scope: the `with` block   Depends: root; the caller
+    holds `swap_lock`. swapoff, losetup -d and the file's removal happen in `finally`.
+    """
+    fd, path = tempfile.mkstemp(prefix="nbdpc-swap-", dir="/var/tmp")
+    os.close(fd)
+    loop = None
+    active = False
+    try:
+        os.truncate(path, size_mib << 20)
+        loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", path],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mkswap", loop], check=True, capture_output=True)
+        subprocess.run(["swapon", "-p", str(priority), loop], check=True)
+        active = True
+        yield loop
+    finally:
+        if active:
+            subprocess.run(["swapoff", loop], check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        os.unlink(path)
+
+
+def marker_image(codec: MarkerCodec, pages: int, path: Path) -> Path:
+    """A file holding what a staged range reads back on a plain device: marker i in page i."""
+    with open(path, "wb") as f:
+        for start in range(0, pages, 256):
+            f.write(b"".join(codec.page(i) for i in range(start, min(start + 256, pages))))
+    return path

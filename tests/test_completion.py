@@ -17,7 +17,7 @@ from nbd_postcopy.completion import CompletionError, complete_range
 from nbd_postcopy.markers import MarkerCodec
 from nbd_postcopy.memcg import V1_ROOT, Memcg, task_memcg
 from nbd_postcopy.staging import stage_range
-from tests.test_staging import REPO, codec, marker_image, plain_swap  # noqa: F401 (fixtures)
+from tests.swapdev import REPO, marker_image, plain_swap_device
 from tests.servers import write_image as servers_image
 from tests.workload import Workload, seeded_contents
 
@@ -224,7 +224,6 @@ def test_ordinary_swap_keeps_working(swap_lock, processes, run_dir, codec):
     """New data paged out while the postcopy device is still attached lands in its overlay and comes back
     exact; after detach, a memcg limit pushes the range out to an ordinary swap device and back."""
     from nbd_postcopy.control import request
-    from tests.test_staging import plain_swap_device
 
     image = run_dir / "ram.img"
     servers_image(image, 32 << 20)

@@ -552,7 +552,7 @@ def test_metrics_pass_promtool_and_count_reads(image: Image, run_dir: Path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_exits_cleanly_and_removes_the_socket(postcopy_server: RunningServer, signum: int):
-    with client(postcopy_server.uri()) as h:  # a connected client must not keep the server from exiting
+    with client(postcopy_server.uri()):  # a connected client must not keep the server from exiting
         os.kill(postcopy_server.pid, signum)
         assert postcopy_server.procs[0].wait(10) == 0, postcopy_server.log_text()
     assert not postcopy_server.unix_socket.exists()

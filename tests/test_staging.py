@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,64 +15,12 @@ from nbd_postcopy.completion import CompletionError, complete_range
 from nbd_postcopy.markers import MarkerCodec
 from nbd_postcopy.memcg import AUTO_PREFIX, task_memcg
 from nbd_postcopy.staging import StagingError, stage_range
+from tests.swapdev import marker_image, plain_swap_device
 from tests.workload import Workload
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (swap, memcg)")]
 
 REPO = Path(__file__).resolve().parent.parent
-PLAIN_PRIORITY = 32000
-
-
-@contextlib.contextmanager
-def plain_swap_device(size_mib: int, priority: int = PLAIN_PRIORITY) -> Iterator[str]:
-    """A plain swap area: sparse file in /var/tmp -> loop device (direct I/O) -> mkswap -> swapon.
-
-    Name: /var/tmp/nbdpc-swap-XXXX on /dev/loopN   Scope: the `with` block   Depends: root; the caller
-    holds `swap_lock`. swapoff, losetup -d and the file's removal happen in `finally`.
-    """
-    fd, path = tempfile.mkstemp(prefix="nbdpc-swap-", dir="/var/tmp")
-    os.close(fd)
-    loop = None
-    active = False
-    try:
-        os.truncate(path, size_mib << 20)
-        loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", path],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(["mkswap", loop], check=True, capture_output=True)
-        subprocess.run(["swapon", "-p", str(priority), loop], check=True)
-        active = True
-        yield loop
-    finally:
-        if active:
-            subprocess.run(["swapoff", loop], check=False)
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
-        os.unlink(path)
-
-
-@pytest.fixture
-def plain_swap(swap_lock) -> Iterator[str]:
-    """Name: plain_swap (a 256 MiB plain swap device path)   Scope: function   Depends: swap_lock."""
-    with plain_swap_device(256) as device:
-        yield device
-
-
-@pytest.fixture
-def codec(run_dir) -> MarkerCodec:
-    """Name: codec (a MarkerCodec; its key file is run_dir/key)   Scope: function   Depends: run_dir."""
-    key = run_dir / "key"
-    key.write_bytes(os.urandom(32))
-    return MarkerCodec.from_file(key)
-
-
-def marker_image(codec: MarkerCodec, pages: int, path: Path) -> Path:
-    """A file holding what a staged range reads back on a plain device: marker i in page i."""
-    with open(path, "wb") as f:
-        for start in range(0, pages, 256):
-            f.write(b"".join(codec.page(i) for i in range(start, min(start + 256, pages))))
-    return path
-
-
 def assert_all_swapped(work: Workload, swap_type: int) -> None:
     with linux.Pagemap(work.pid) as pagemap:
         entries = pagemap.entries(work.address, work.pages)
