@@ -147,7 +147,7 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> Table
             handle.pwrite(os.urandom(CHUNK), offset)
         memory_offsets = [rng.randrange(pages) * P for _ in range(reads)]
         latencies(handle, memory_offsets[:200])
-        memory = summary(latencies(handle, memory_offsets))
+        memory = summary(latencies(handle, memory_offsets, think))  # same pause: waking up costs both alike
         handle.shutdown()
 
     # Slots in the upper half (the prefetcher's sweep starts at slot 1), spaced wider than the
