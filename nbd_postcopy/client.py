@@ -379,8 +379,17 @@ class SourceClient:
         finished = []
         with self._lock:
             conn = link.conn
-            conn.receive_data(data)
-            while True:
+            taken, replies = conn.take_read_replies(data)
+            for handle, start, stop in replies:
+                waiter = link.handles.pop(handle, None)
+                if waiter is not None and not waiter.done:  # else its caller gave up, or the client closed
+                    waiter.result = bytes(data[start:stop])
+                    waiter.done = True
+                    finished.append(waiter)
+            data = data[taken:]
+            if data:
+                conn.receive_data(data)
+            while data:  # nothing fed: the core has no complete reply either
                 event = conn.next_event()
                 if event is NEED_DATA:
                     break

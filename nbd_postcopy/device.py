@@ -454,12 +454,15 @@ class Device:
                     page[:] = ZERO_PAGE
                     if not self._touched.get(slot):
                         untouched.append(slot)
+            if to_fetch:  # _demand_started(), under the lock already held
+                self._demand_in_flight += 1
+                self.demand_idle.clear()
         if untouched:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
         if to_fetch:
-            self._demand_started()
             try:
-                self.fetch(coalesce(to_fetch), self.demand_source, "demand", self.timeout, out, first)
+                runs = [Run(*to_fetch[0], 1)] if len(to_fetch) == 1 else coalesce(to_fetch)
+                self.fetch(runs, self.demand_source, "demand", self.timeout, out, first)
             finally:
                 self._demand_finished()
             seconds = time.monotonic() - started
@@ -523,6 +526,13 @@ class Device:
     def _store_run(self, run: Run, data: bytes) -> int:
         """Store the pages of `run` whose slot still maps to the same guest page and is not local yet
         (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state)."""
+        if run.count == 1:  # one page: the same test as below, without building arrays
+            if self._pending.get(run.slot) and self._guest[run.slot] == run.guest + 1:
+                self._store.write(run.slot, data)
+                self._pending.clear(run.slot)
+                self.remaining -= 1
+                return 1
+            return 0
         end = run.slot + run.count
         if self._pending.all_set(run.slot, end) and self._guest[run.slot : end] == array(
             "I", range(run.guest + 1, run.guest + run.count + 1)

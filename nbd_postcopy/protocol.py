@@ -721,6 +721,26 @@ class ServerConnection(_Connection):
             raise LocalProtocolError("BlockStatusReply answers a BLOCK_STATUS only")
         return [self._block_status_reply(event.handle, event.extents, length, flags)]
 
+    # --- the fast path for the commonest request (the I/O layer may use it instead of receive_data) ---
+
+    def take_plain_read(self, data, pos: int = 0) -> tuple[int, int, int] | None:
+        """(handle, offset, length) if a whole READ with no flags, a free handle and a valid range starts at
+        data[pos] and the core holds no partial input; the caller then answers it with plain_read_reply()
+        and moves REQUEST.size bytes on. None for anything else: that and all that follows go to
+        receive_data(), so every request is checked and answered exactly as the slow path would."""
+        if self.state is not State.TRANSMISSION or self._buf or self._discard or len(data) - pos < REQUEST.size:
+            return None
+        magic, flags, command, handle, offset, length = REQUEST.unpack_from(data, pos)
+        export = self.export
+        if (magic != _REQUEST_MAGIC or command != _READ or flags or handle in self._pending
+                or not 0 < length <= export.max_block or offset + length > export.size):
+            return None
+        return handle, offset, length
+
+    def plain_read_reply(self, handle: int, offset: int, data) -> list:
+        """The reply to a READ taken with take_plain_read(): the same parts send(ReadReply(...)) gives."""
+        return self._read_reply(handle, offset, data)
+
     def _read_reply(self, handle: int, offset: int, data) -> list:
         if not self.structured_replies:
             return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, handle), data]
@@ -1053,6 +1073,45 @@ class ClientConnection(_Connection):
             del buf[:20]
             return self._chunk_payload()
         raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+
+    def take_read_replies(self, data) -> tuple[int, list[tuple[int, int, int]]]:
+        """The fast path for the commonest reply, used instead of receive_data() while the core holds no
+        partial reply: take the leading complete successful READ replies (a simple reply, or one
+        OFFSET_DATA chunk with DONE covering the whole read) off `data`. Returns (bytes taken,
+        [(handle, start, stop)]), data[start:stop] being that read's payload; those requests are done.
+        The first reply that is anything else (an error, holes, partial data, an unknown handle) and all
+        after it are left for receive_data()."""
+        if self.state is not State.TRANSMISSION or self._buf or self._chunk is not None:
+            return 0, []
+        inflight = self._inflight
+        structured = self.structured_replies
+        taken = []
+        pos, end = 0, len(data)
+        while True:
+            if structured:
+                if end - pos < OFFSET_DATA_HEADER.size:
+                    break
+                magic, flags, kind, handle, length, offset = OFFSET_DATA_HEADER.unpack_from(data, pos)
+                request = inflight.get(handle)
+                if (magic != _CHUNK_MAGIC or kind != _DATA or not flags & _DONE or request is None
+                        or request.command != _READ or request.buffer is not None or request.error is not None
+                        or length != request.length + 8 or offset != request.offset
+                        or pos + CHUNK_HEADER.size + length > end):
+                    break
+                start, stop = pos + OFFSET_DATA_HEADER.size, pos + CHUNK_HEADER.size + length
+            else:
+                if end - pos < SIMPLE_REPLY.size:
+                    break
+                magic, error, handle = SIMPLE_REPLY.unpack_from(data, pos)
+                request = inflight.get(handle)
+                if (magic != _SIMPLE_MAGIC or error or request is None or request.command != _READ
+                        or pos + SIMPLE_REPLY.size + request.length > end):
+                    break
+                start, stop = pos + SIMPLE_REPLY.size, pos + SIMPLE_REPLY.size + request.length
+            del inflight[handle]
+            taken.append((handle, start, stop))
+            pos = stop
+        return pos, taken
 
     def _lookup_inflight(self, handle: int) -> _InFlight:
         request = self._inflight.get(handle)

@@ -38,7 +38,7 @@ from .protocol import (
     TransmissionStarted,
 )
 from .sources import Source
-from .wire import Errno
+from .wire import REQUEST, Errno
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,45 @@ class _NbdConnection(asyncio.BufferedProtocol):
         return self._recv_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.receive_data(self._recv_buffer[:nbytes])  # the core copies what it keeps
-        self._process()
+        done = self._fast_reads(nbytes) if self._fast_path_open() else 0
+        if done < nbytes:
+            self.conn.receive_data(self._recv_buffer[done:nbytes])  # the core copies what it keeps
+            self._process()
+
+    def _fast_path_open(self) -> bool:
+        """True when plain READs may be answered without events: plaintext transmission with direct sends,
+        the gate open (the core still checks its own state in take_plain_read)."""
+        return self._direct and not self._closing and not self.transport.is_closing() and self.server.gate.is_open
+
+    def _fast_reads(self, nbytes: int) -> int:
+        """Answer the leading plain READ requests in the receive buffer (ServerConnection.take_plain_read);
+        return the bytes consumed. The first request that is anything else, or whose source read fails,
+        and all after it go to the core, so replies keep their order and match the slow path's bytes."""
+        data = memoryview(self._recv_buffer)[:nbytes]
+        conn, server = self.conn, self.server
+        read = server.source.read
+        observe = server.metrics.request_seconds.observe
+        out: list = []
+        done = requests = served = 0
+        while (request := conn.take_plain_read(data, done)) is not None:
+            started = time.perf_counter()
+            handle, offset, length = request
+            try:
+                payload = read(offset, length)
+            except OSError:
+                break  # the core's path reports it
+            if len(payload) != length:
+                break
+            out += conn.plain_read_reply(handle, offset, payload)
+            observe(time.perf_counter() - started)
+            done += REQUEST.size
+            requests += 1
+            served += length
+        if out:
+            server.metrics.requests_by_command["read"].inc(requests)
+            server.metrics.read_bytes.inc(served)
+            self._send_direct(out)
+        return done
 
     def _process(self) -> None:
         """Answer every event the core has ready."""

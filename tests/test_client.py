@@ -11,10 +11,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from nbd_postcopy.client import SourceClient, SourceError, SourceUnavailable
+from nbd_postcopy.client import SourceClient, SourceError, SourceUnavailable, _Request
+from nbd_postcopy.protocol import NEED_DATA, ClientConnection, ErrorReply, ExportInfo, ReadReply, ServerConnection
+from nbd_postcopy.wire import Command, Errno
 from nbd_postcopy.sources import MAX_SCAN_DATA
 
 from .conftest import wait_for_path
@@ -206,3 +209,70 @@ def test_close_wakes_waiting_callers(processes, run_dir, image):
     assert not thread.is_alive() and errors and "closed" in errors[0]
     with pytest.raises(SourceUnavailable, match="is closed"):
         client.read(0, PAGE)
+
+
+# --- the reply fast path agrees with the core ------------------------------------------------------
+def _transmitting_pair(structured: bool, data: bytes) -> tuple[ServerConnection, ClientConnection]:
+    """A server core and a client core, handshake done in memory."""
+    server = ServerConnection({"ram": ExportInfo("ram", len(data))}, "ram")
+    client = ClientConnection("ram", structured_replies=structured)
+    client.receive_data(server.data_to_send())
+    while client.ready is None:
+        while client.next_event() is not NEED_DATA:
+            pass
+        server.receive_data(client.data_to_send())
+        while server.next_event() is not NEED_DATA:
+            pass
+        client.receive_data(server.data_to_send())
+        client.next_event()
+    return server, client
+
+
+def _dispatch_outcomes(structured: bool, data: bytes, splits: list[int]) -> list:
+    """Send a mix of reads, answer them with the server core (data, zeroes, holes, an error, a reply
+    nobody waits for) and dispatch the reply bytes in pieces cut at `splits`; what each caller got."""
+    server, conn = _transmitting_pair(structured, data)
+    page = 4096
+    ranges = [(0, page), (page, 3 * page), (16 * page, page), (15 * page, 3 * page), (100, 5000),
+              (len(data) - page, page), (2 * page, page), (8 * page, 2 * page), (3 * page, page)]
+    client = SourceClient.__new__(SourceClient)
+    client._lock = threading.Lock()
+    link = SimpleNamespace(conn=conn, handles={})
+    requests = [_Request(Command.READ, offset, length) for offset, length in ranges]
+    server.receive_data(client._register(link, requests))
+    replies = []
+    while (event := server.next_event()) is not NEED_DATA:
+        if event.offset == 2 * page:
+            replies += server.send_parts(ErrorReply(event.handle, Errno.EIO, "bad page"))
+        else:
+            replies += server.send_parts(ReadReply(event.handle, data[event.offset : event.offset + event.length]))
+    del link.handles[min(h for h, r in link.handles.items() if r.offset == 3 * page)]  # its caller gave up
+    stream = b"".join(bytes(part) for part in replies)
+    cuts = [0] + [c for c in splits if 0 < c < len(stream)] + [len(stream)]
+    for a, b in zip(cuts, cuts[1:]):
+        client._dispatch(link, memoryview(bytearray(stream[a:b])))
+    assert not conn._inflight and not link.handles
+    return [(r.done, r.result, repr(r.error)) for r in requests]
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+@pytest.mark.parametrize("splits", [[99999], [1], [27, 4200], list(range(0, 80000, 999)), [4124, 8248, 20000, 30000]],
+                         ids=["whole", "one-byte", "in-headers", "every-999", "near-boundaries"])
+def test_reply_fast_path_gives_callers_what_the_core_gives(monkeypatch, structured, splits):
+    data = bytearray(os.urandom(64 * 4096))
+    data[16 * 4096 : 17 * 4096] = bytes(4096)
+    taken = []
+    take = ClientConnection.take_read_replies
+
+    def counting_take(conn, buffer):
+        result = take(conn, buffer)
+        taken.append(result[0])
+        return result
+
+    monkeypatch.setattr(ClientConnection, "take_read_replies", counting_take)
+    fast = _dispatch_outcomes(structured, bytes(data), splits)
+    assert any(taken) or splits[0] < 100  # after a cut inside a reply the core keeps the rest
+    monkeypatch.setattr(ClientConnection, "take_read_replies", lambda conn, buffer: (0, []))
+    general = _dispatch_outcomes(structured, bytes(data), splits)
+    assert fast == general
+    assert all(done for done, _, _ in general[:3]) and general[0][1] == bytes(data[:4096])

@@ -354,3 +354,26 @@ def test_big_write_mixing_markers_and_data(tmp_path, codec):
     device.arm()
     expected = b"".join(source.image[i * P : (i + 1) * P] if i % 3 == 0 else page for i, page in enumerate(pages))
     assert device.read(P, 3000 * P) == expected
+
+
+@pytest.mark.parametrize("change", ["none", "remapped", "trimmed", "overwritten"])
+def test_one_page_store_agrees_with_the_run_store(tmp_path, change):
+    """_store_run's one-page shortcut stores exactly when the general run logic would (the general logic
+    runs here on a two-page run whose second page is unchanged)."""
+    image = random_image(64)
+    results = []
+    for pages in (1, 2):
+        device, _ = make_device(tmp_path, image=image)
+        stage(device, {3: 10, 4: 11})
+        device.arm()
+        if change == "remapped":
+            stage(device, {3: 20})
+        elif change == "trimmed":
+            device.trim(3 * P, P)
+        elif change == "overwritten":
+            device.write(b"\x55" * P, 3 * P)
+        with device._lock:
+            stored = device._store_run(Run(3, 10, pages), image[10 * P : (10 + pages) * P])
+        results.append((stored - (pages - 1), device.remaining + (pages - 1), device.read(3 * P, P)))
+    assert results[0] == results[1]
+    assert results[0][0] == (1 if change == "none" else 0)

@@ -26,6 +26,7 @@ from nbd_postcopy.client import SourceClient, SourceUnavailable
 from nbd_postcopy.gate import Gate, watch_qmp
 from nbd_postcopy.metrics import ServerMetrics
 from nbd_postcopy.protocol import (
+    MAX_BLOCK,
     NEED_DATA,
     BlockStatusDone,
     CacheDone,
@@ -33,9 +34,10 @@ from nbd_postcopy.protocol import (
     ReadDone,
     Ready,
 )
-from nbd_postcopy.server import PageServer, parse_listen
+from nbd_postcopy.server import PageServer, _NbdConnection, parse_listen
 from nbd_postcopy.server_cli import parse_size
 from nbd_postcopy.sources import MAX_SCAN_DATA, FileSource, ProcessSource, SourceOpenError
+from nbd_postcopy.wire import REQUEST, REQUEST_MAGIC, Command, CommandFlag
 
 from .conftest import wait_for_path
 
@@ -536,3 +538,78 @@ def test_file_source_skips_holes_without_allocating_them():
         assert path.stat().st_blocks == allocated
     finally:
         path.unlink(missing_ok=True)
+
+
+# --- the READ fast path agrees with the core -----------------------------------------------------
+def _request(command: int, handle: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
+
+
+def _fast_path_workload(size: int) -> list[bytes]:
+    """Request bytes in several writes: plain reads, zero and mixed pages, unaligned and last-page reads,
+    flags, bad ranges, other commands, a repeated handle and a request split across two writes."""
+    read, last = Command.READ, size - PAGE
+    first = b"".join([
+        _request(read, 1, 0, PAGE), _request(read, 2, PAGE, 3 * PAGE), _request(read, 3, 100, 5000),
+        _request(read, 4, last, PAGE), _request(read, 4, 2 * PAGE, PAGE),  # handle 4 again, once free
+        _request(read, 5, 16 * PAGE, PAGE),  # a zero page
+        _request(read, 6, 8 * PAGE, PAGE),  # back to plain reads after the core took one
+    ])
+    second = b"".join([
+        _request(read, 7, 15 * PAGE, 3 * PAGE),  # data, zeroes, data
+        _request(read, 8, 0, PAGE, flags=CommandFlag.DF), _request(read, 9, last, 2 * PAGE),
+        _request(read, 10, 0, 0), _request(read, 11, 0, MAX_BLOCK + 1), _request(Command.CACHE, 12, 0, PAGE),
+        _request(Command.FLUSH, 13, 0, 0), _request(Command.BLOCK_STATUS, 14, 0, 64 * PAGE),
+        _request(read, 15, 31 * PAGE, 2 * PAGE), _request(Command.WRITE, 16, 0, 8) + bytes(8),
+    ])
+    third = _request(read, 17, 5 * PAGE, PAGE) + _request(read, 18, 6 * PAGE, PAGE)
+    return [first, second, third[:40], third[40:], _request(read, 19, 7 * PAGE, PAGE), _request(Command.DISC, 0, 0, 0)]
+
+
+async def _replies(sock: str, structured: bool, writes: list[bytes]) -> bytes:
+    """Negotiate, send `writes` one at a time, and return every byte the server sends until it hangs up."""
+    client = await CoreClient.connect(sock, "ram", structured_replies=structured)
+    assert client.ready.structured_replies == structured
+    for chunk in writes:
+        client.writer.write(chunk)
+        await client.writer.drain()
+        await asyncio.sleep(0.02)
+    received = bytearray(client.conn._buf)
+    while chunk := await asyncio.wait_for(client.reader.read(1 << 20), 5):
+        received += chunk
+    client.close()
+    return bytes(received)
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_read_fast_path_sends_the_same_bytes_as_the_core(run_dir, image, monkeypatch, structured):
+    path, _ = image
+    writes = _fast_path_workload(SIZE)
+    taken = []
+    fast_reads = _NbdConnection._fast_reads
+
+    def counting(self, nbytes):
+        done = fast_reads(self, nbytes)
+        taken.append(done // 28)
+        return done
+
+    async def run(fast: bool) -> tuple[bytes, dict]:
+        server, sock = await started_server(run_dir, path)
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(_NbdConnection, "_fast_reads", counting)
+                if not fast:
+                    patch.setattr(_NbdConnection, "_fast_path_open", lambda self: False)
+                replies = await _replies(sock, structured, writes)
+        finally:
+            await server.close()
+        samples = {s.name + str(s.labels): s.value for m in server.metrics.registry.collect() for s in m.samples
+                   if "_bucket" not in s.name and "created" not in s.name and "sum" not in s.name}
+        return replies, samples
+
+    general, general_metrics = asyncio.run(run(fast=False))
+    assert not taken
+    fast, fast_metrics = asyncio.run(run(fast=True))
+    assert sum(taken) >= 7, taken  # the fast path did answer the plain reads
+    assert fast == general
+    assert fast_metrics == general_metrics
