@@ -736,3 +736,59 @@ def test_zero_runs_finds_every_zero_page():
     page_with_late_byte[4000] = 1
     assert zero_runs(bytes(4096) + page_with_late_byte + bytes(10)) == [
         (0, 4096, True), (4096, 8192, False), (8192, 8202, True)]
+
+
+# --- the fast path for plain reads ---------------------------------------------------------------
+def test_take_plain_read_takes_only_what_the_slow_path_would_answer_plainly():
+    server = in_transmission()
+    good = request(Command.READ, 1, 4096, 4096)
+    assert server.take_plain_read(good) == (1, 4096, 4096)
+    assert server.take_plain_read(b"xx" + good, 2) == (1, 4096, 4096)
+    refused = [
+        good[:27],  # not whole
+        request(Command.CACHE, 1, 0, 4096),
+        request(Command.READ, 1, 0, 4096, flags=CommandFlag.FUA),
+        request(Command.READ, 1, SIZE - 4096, 8192),  # past the end
+        request(Command.READ, 1, 0, 0),
+        request(Command.READ, 1, 0, MAX_BLOCK + 1),
+        b"\0" * 4 + good[4:],  # bad magic
+    ]
+    for data in refused:
+        assert server.take_plain_read(data) is None, data
+    server.receive_data(request(Command.READ, 7, 0, 4096))  # in flight at the core
+    assert server.take_plain_read(request(Command.READ, 7, 0, 4096)) is None
+    server.receive_data(good[:10])  # the core holds a partial request
+    assert server.take_plain_read(good) is None
+    assert greeted().take_plain_read(good) is None  # not in transmission yet
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_plain_read_reply_is_what_send_gives(structured):
+    fast, slow = in_transmission(structured), in_transmission(structured)
+    for offset, length in [(0, 4096), (8192, 3 * 4096), (100, 5000)]:  # data, holes, unaligned
+        data = bytes(IMAGE[offset : offset + length])
+        handle, *_ = fast.take_plain_read(request(Command.READ, 9, offset, length))
+        slow.receive_data(request(Command.READ, 9, offset, length))
+        [event] = events(slow)
+        assert b"".join(map(bytes, fast.plain_read_reply(handle, offset, data))) == slow.send(ReadReply(9, data))
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_take_read_replies_leaves_anything_unusual_to_the_core(structured):
+    pair = Pair(ClientConnection("ram", structured_replies=structured))
+    pair.pump()
+    client = pair.client
+    plain, data = client.read(0, 4096)
+    pair.send(data)
+    failing, data = client.read(4096, 4096)
+    pair.send(data)
+    pair.pump(hold=True)
+    first, second = pair.parked
+    answers = pair.server.send(pair.answer(first)) + pair.server.send(ErrorReply(second.handle, Errno.EIO, "bad"))
+    taken, replies = client.take_read_replies(answers)
+    [(handle, start, stop)] = replies
+    assert handle == plain and answers[start:stop] == IMAGE[:4096]
+    client.receive_data(answers[taken:])  # the error reply goes the slow way
+    [failed] = events(client)
+    assert isinstance(failed, RequestFailed) and failed.handle == failing
+    assert client.take_read_replies(answers[:10]) == (0, [])  # unknown handle / partial: nothing taken
