@@ -183,6 +183,12 @@ class PageStore:
         os.close(self.fd)
 
 
+def page_span(offset: int, length: int) -> tuple[int, int, int]:
+    """(first slot, number of slots, offset within the first slot) of a non-empty byte range."""
+    first = offset // PAGE_SIZE
+    return first, (offset + length - 1) // PAGE_SIZE - first + 1, offset - first * PAGE_SIZE
+
+
 def coalesce(pairs: Sequence[tuple[int, int]]) -> list[Run]:
     """Group (slot, guest) pairs, in slot order, into runs of consecutive slots and guest pages."""
     runs: list[Run] = []
@@ -415,9 +421,7 @@ class Device:
         self._check_range(offset, length)
         if length == 0:
             return
-        first = offset // PAGE_SIZE
-        count = (offset + length - 1) // PAGE_SIZE - first + 1
-        start = offset - first * PAGE_SIZE
+        first, count, start = page_span(offset, length)
         if start == 0 and length == count * PAGE_SIZE:
             self._read_slots(first, count, buf)
         else:
@@ -587,9 +591,7 @@ class Device:
         self._check_range(offset, length)
         if length == 0:
             return
-        first = offset // PAGE_SIZE
-        count = (offset + length - 1) // PAGE_SIZE - first + 1
-        start = offset - first * PAGE_SIZE
+        first, count, start = page_span(offset, length)
         if start or length != count * PAGE_SIZE:
             pages = memoryview(bytearray(count * PAGE_SIZE))
             if start:
