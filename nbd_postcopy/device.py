@@ -458,15 +458,13 @@ class Device:
                     page[:] = ZERO_PAGE
                     if not self._touched.get(slot):
                         untouched.append(slot)
-            if to_fetch:  # _demand_started(), under the lock already held
-                self._demand_in_flight += 1
-                self.demand_idle.clear()
+            if to_fetch:
+                self._demand_started_locked()
         if untouched:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
         if to_fetch:
             try:
-                runs = [Run(*to_fetch[0], 1)] if len(to_fetch) == 1 else coalesce(to_fetch)
-                self.fetch(runs, self.demand_source, "demand", self.timeout, out, first)
+                self.fetch(coalesce(to_fetch), self.demand_source, "demand", self.timeout, out, first)
             finally:
                 self._demand_finished()
             seconds = time.monotonic() - started
@@ -474,10 +472,10 @@ class Device:
             for listener in self._fault_listeners:
                 listener(to_fetch[0][0], seconds)
 
-    def _demand_started(self) -> None:
-        with self._lock:
-            self._demand_in_flight += 1
-            self.demand_idle.clear()
+    def _demand_started_locked(self) -> None:
+        """A demand fetch begins (the caller holds the lock); the prefetcher yields until it ends."""
+        self._demand_in_flight += 1
+        self.demand_idle.clear()
 
     def _demand_finished(self) -> None:
         with self._lock:

@@ -138,7 +138,8 @@ def test_prefetcher_waits_for_a_gap_in_demand(tmp_path):
     device, source = identity_staged(tmp_path, pages=64)
     prefetcher = Prefetcher(device, source, timeout=5)  # not started: its wait is called directly
     try:
-        device._demand_started()  # a demand fetch in flight, and it never ends: wait DEMAND_YIELD at most
+        with device._lock:
+            device._demand_started_locked()  # a demand fetch in flight, and it never ends: wait DEMAND_YIELD at most
         started = time.monotonic()
         assert prefetcher._wait_for_demand_gap() is False
         assert time.monotonic() - started >= DEMAND_YIELD
