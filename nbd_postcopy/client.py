@@ -15,6 +15,7 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Callable
@@ -43,6 +44,8 @@ BACKOFF_MAX = 2.0
 IDLE_CHECK = 0.5  # how often the reader thread looks at an idle connection
 _FOLLOWER_POLL = 0.05  # a waiting caller re-checks whether it should read this often
 _RECV_SIZE = 1 << 20  # bytes taken off the socket at most per read, into a buffer allocated once per link
+# A blocking receive of the rest of a reply returns after this long without data (then deadlines are checked).
+_RCVTIMEO = struct.pack("ll", 0, 50_000)  # struct timeval: 50 ms
 
 
 class SourceUnavailable(Exception):
@@ -59,10 +62,11 @@ class SourceError(Exception):
 
 
 class _Request:
-    __slots__ = ("command", "offset", "length", "done", "result", "error", "_pending")
+    __slots__ = ("command", "offset", "length", "into", "done", "result", "error", "_pending")
 
-    def __init__(self, command: int, offset: int, length: int):
+    def __init__(self, command: int, offset: int, length: int, into: memoryview | None = None):
         self.command, self.offset, self.length = command, offset, length
+        self.into = into  # a READ's payload goes here (written only under the client's lock), else to result
         self.done = False
         self.result = None
         self.error: Exception | None = None
@@ -89,6 +93,8 @@ class _Link:
         # Replies are read into this buffer (by the thread holding the client's _read_lock): a fresh
         # 1 MiB bytes object per recv() costs an mmap, page faults and a munmap every time.
         self.recv_buffer = memoryview(bytearray(_RECV_SIZE))
+        self.kept = 0  # the buffer starts with this much of a READ reply the fast path takes whole...
+        self.wanted = 0  # ...once this many more bytes are there
 
 
 class SourceClient:
@@ -142,6 +148,18 @@ class SourceClient:
         """Read every (offset, length) with all requests sent in one write; results in the same order."""
         requests = [_Request(Command.READ, offset, length) for offset, length in ranges]
         return self._call(requests, timeout)
+
+    def read_many_into(self, ranges: list[tuple[int, int]], views: list[memoryview],
+                       timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """Like read_many(), but each payload is copied straight into its view (of the same length).
+        Nothing is written into a view after this returns or raises: a reply that comes too late is
+        dropped, so the caller may hand the memory back at once."""
+        requests = []
+        for (offset, length), view in zip(ranges, views, strict=True):
+            if len(view) != length:
+                raise ValueError(f"a view of {len(view)} bytes for a read of {length}")
+            requests.append(_Request(Command.READ, offset, length, view))
+        self._call(requests, timeout)
 
     def block_status(self, offset: int, length: int, timeout: float | None = DEFAULT_TIMEOUT
                      ) -> list[tuple[int, int]]:
@@ -297,7 +315,9 @@ class SourceClient:
         if self._size is not None and ready.size != self._size:
             sock.close()
             raise ProtocolError(f"the source export changed size from {self._size} to {ready.size} bytes")
-        sock.settimeout(None)  # reads wait in select(); sends bound their own wait
+        sock.settimeout(None)  # reads wait in select() or up to SO_RCVTIMEO; sends bound their own wait
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         return _Link(sock, conn, ready)
 
     def _handshake(self, sock: socket.socket, conn: ClientConnection) -> tuple[socket.socket, Ready]:
@@ -328,28 +348,37 @@ class SourceClient:
         if link is None or not link.alive:
             return False
         sock = link.sock
+        buffer = link.recv_buffer[link.kept :]
         try:
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                if not select.select([sock], [], [], wait)[0]:
-                    return True
-            buffer = link.recv_buffer
             if isinstance(sock, ssl.SSLSocket):  # reads and writes of one SSL object must not overlap
+                if not sock.pending() and not select.select([sock], [], [], wait)[0]:
+                    return True
                 with link.send_lock:
                     received = sock.recv_into(buffer)
+            elif link.wanted:  # the rest of a reply is on its way: take it in one call (SO_RCVTIMEO bounds it)
+                received = sock.recv_into(buffer, link.wanted, socket.MSG_WAITALL)
             else:
+                if not select.select([sock], [], [], wait)[0]:
+                    return True
                 received = sock.recv_into(buffer)
+        except BlockingIOError:  # SO_RCVTIMEO passed with nothing received
+            return True
         except (OSError, ValueError) as exc:  # ValueError: select() on a socket just closed
             self._drop(link, f"receive failed: {exc}")
             return False
         if not received:
             self._drop(link, "the source closed the connection")
             return False
+        data = link.recv_buffer[: link.kept + received]
         try:
-            self._dispatch(link, buffer[:received])
+            link.kept, reply_size = self._dispatch(link, data)
         except ProtocolError as exc:
             log.error("%s: protocol error from %s: %s", self.name, self.uri, exc)
             self._drop(link, f"protocol error: {exc}")
             return False
+        if link.kept:
+            link.recv_buffer[: link.kept] = bytes(data[len(data) - link.kept :])
+        link.wanted = reply_size - link.kept
         return True
 
     # the reader thread
@@ -375,20 +404,32 @@ class SourceClient:
             finally:
                 self._read_lock.release()
 
-    def _dispatch(self, link: _Link, data: bytes) -> None:
+    def _dispatch(self, link: _Link, data: memoryview) -> tuple[int, int]:
+        """Hand the replies in `data` to their callers. Returns (kept, size): the last `kept` bytes
+        of `data` are the start of a READ reply of `size` bytes that the fast path takes whole, to be
+        presented again with the rest; (0, 0) if everything was used."""
         finished = []
+        kept = reply_size = 0
         with self._lock:
             conn = link.conn
             taken, replies = conn.take_read_replies(data)
             for handle, start, stop in replies:
                 waiter = link.handles.pop(handle, None)
                 if waiter is not None and not waiter.done:  # else its caller gave up, or the client closed
-                    waiter.result = bytes(data[start:stop])
+                    if waiter.into is not None:
+                        waiter.into[:] = data[start:stop]
+                    else:
+                        waiter.result = bytes(data[start:stop])
                     waiter.done = True
                     finished.append(waiter)
             data = data[taken:]
             if data:
-                conn.receive_data(data)
+                reply_size = conn.read_reply_size(data)
+                if len(data) < reply_size <= len(link.recv_buffer):
+                    kept, data = len(data), b""
+                else:
+                    reply_size = 0
+                    conn.receive_data(data)
             while data:  # nothing fed: the core has no complete reply either
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -399,7 +440,10 @@ class SourceClient:
                 if request is None or request.done:
                     continue  # its caller gave up waiting, or the client was closed
                 if isinstance(event, ReadDone):
-                    request.result = event.data
+                    if request.into is not None:
+                        request.into[:] = event.data
+                    else:
+                        request.result = event.data
                 elif isinstance(event, BlockStatusDone):
                     request.result = event.extents
                 elif isinstance(event, RequestFailed):
@@ -410,6 +454,7 @@ class SourceClient:
                 finished.append(request)
         for request in finished:
             request.finish()
+        return kept, reply_size
 
     def _drop(self, link: _Link, reason: str) -> None:
         with self._lock:

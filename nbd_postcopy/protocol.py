@@ -1083,35 +1083,43 @@ class ClientConnection(_Connection):
         after it are left for receive_data()."""
         if self.state is not State.TRANSMISSION or self._buf or self._chunk is not None:
             return 0, []
-        inflight = self._inflight
-        structured = self.structured_replies
         taken = []
         pos, end = 0, len(data)
-        while True:
-            if structured:
-                if end - pos < OFFSET_DATA_HEADER.size:
-                    break
-                magic, flags, kind, handle, length, offset = OFFSET_DATA_HEADER.unpack_from(data, pos)
-                request = inflight.get(handle)
-                if (magic != _CHUNK_MAGIC or kind != _DATA or not flags & _DONE or request is None
-                        or request.command != _READ or request.buffer is not None or request.error is not None
-                        or length != request.length + 8 or offset != request.offset
-                        or pos + CHUNK_HEADER.size + length > end):
-                    break
-                start, stop = pos + OFFSET_DATA_HEADER.size, pos + CHUNK_HEADER.size + length
-            else:
-                if end - pos < SIMPLE_REPLY.size:
-                    break
-                magic, error, handle = SIMPLE_REPLY.unpack_from(data, pos)
-                request = inflight.get(handle)
-                if (magic != _SIMPLE_MAGIC or error or request is None or request.command != _READ
-                        or pos + SIMPLE_REPLY.size + request.length > end):
-                    break
-                start, stop = pos + SIMPLE_REPLY.size, pos + SIMPLE_REPLY.size + request.length
-            del inflight[handle]
-            taken.append((handle, start, stop))
-            pos = stop
+        while (reply := self._plain_read_reply_at(data, pos)) is not None and reply[2] <= end:
+            handle, start, pos = reply
+            del self._inflight[handle]
+            taken.append(reply)
         return pos, taken
+
+    def read_reply_size(self, data) -> int:
+        """With the same precondition as take_read_replies(): if `data` starts with the header of a
+        reply that method would take, the size of that whole reply (header and payload), else 0. A
+        caller that holds such a partial reply can wait for the rest and present it all at once."""
+        if self.state is not State.TRANSMISSION or self._buf or self._chunk is not None:
+            return 0
+        reply = self._plain_read_reply_at(data, 0)
+        return 0 if reply is None else reply[2]
+
+    def _plain_read_reply_at(self, data, pos: int) -> tuple[int, int, int] | None:
+        """(handle, payload start, payload stop) of the successful whole-READ reply whose header is
+        at data[pos:], which may end before the payload does; None if it is anything else."""
+        if self.structured_replies:
+            if len(data) - pos < OFFSET_DATA_HEADER.size:
+                return None
+            magic, flags, kind, handle, length, offset = OFFSET_DATA_HEADER.unpack_from(data, pos)
+            request = self._inflight.get(handle)
+            if (magic != _CHUNK_MAGIC or kind != _DATA or not flags & _DONE or request is None
+                    or request.command != _READ or request.buffer is not None or request.error is not None
+                    or length != request.length + 8 or offset != request.offset):
+                return None
+            return handle, pos + OFFSET_DATA_HEADER.size, pos + CHUNK_HEADER.size + length
+        if len(data) - pos < SIMPLE_REPLY.size:
+            return None
+        magic, error, handle = SIMPLE_REPLY.unpack_from(data, pos)
+        request = self._inflight.get(handle)
+        if magic != _SIMPLE_MAGIC or error or request is None or request.command != _READ:
+            return None
+        return handle, pos + SIMPLE_REPLY.size, pos + SIMPLE_REPLY.size + request.length
 
     def _lookup_inflight(self, handle: int) -> _InFlight:
         request = self._inflight.get(handle)
