@@ -63,6 +63,8 @@ class PageSource(Protocol):
 
     def read_many(self, ranges: Sequence[tuple[int, int]], timeout: float) -> list[bytes]: ...
 
+    def read_many_into(self, ranges: Sequence[tuple[int, int]], views: Sequence[memoryview], timeout: float) -> None: ...
+
     def block_status(self, offset: int, length: int, timeout: float) -> list[tuple[int, int]]: ...
 
 
@@ -436,41 +438,68 @@ class Device:
 
     def _read_slots(self, first: int, count: int, out: memoryview) -> None:
         started = time.monotonic()
-        to_fetch: list[tuple[int, int]] = []
         untouched: list[int] = []
+        end = first + count
         with self._lock:
-            for i in range(count):
-                slot = first + i
-                page = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                guest = self._guest[slot] - 1
-                if self._overlay.get(slot):
-                    self._store.read_into(page, slot)
-                elif guest >= 0:
-                    if not self.armed:
-                        page[:] = self.codec.page(guest)
-                    elif not self._pending.get(slot):
-                        self._store.read_into(page, slot)
-                    else:
-                        to_fetch.append((slot, guest))
-                elif slot == 0:
-                    page[:] = self.header
-                else:
-                    page[:] = ZERO_PAGE
-                    if not self._touched.get(slot):
-                        untouched.append(slot)
-            if to_fetch:
-                self._demand_started_locked()
+            # Swap-ins of whole clusters, in bulk: every slot mapped and local, or every slot waiting
+            # for one run of consecutive guest pages. Anything else goes slot by slot.
+            plain = self.armed and first > 0 and self._overlay.find(first, end) < 0
+            local = plain and self._pending.find(first, end) < 0 and 0 not in self._guest[first:end]
+            if not local:
+                run = self._pending_run_locked(first, count) if plain else None
+                runs = [run] if run else self._read_each_locked(first, count, out, untouched)
+                if runs:
+                    self._demand_started_locked()
+        if local:
+            # Outside the lock, so clusters are read in parallel: the kernel never writes or trims a
+            # slot while it reads it, and local slots only change by such writes and trims.
+            self._store.read_into(out, first)
+            return
         if untouched:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
-        if to_fetch:
+        if runs:
             try:
-                self.fetch(coalesce(to_fetch), self.demand_source, "demand", self.timeout, out, first)
+                self.fetch(runs, self.demand_source, "demand", self.timeout, out, first)
             finally:
                 self._demand_finished()
             seconds = time.monotonic() - started
             self.metrics.fault_seconds.observe(seconds)
             for listener in self._fault_listeners:
-                listener(to_fetch[0][0], seconds)
+                listener(runs[0].slot, seconds)
+
+    def _pending_run_locked(self, first: int, count: int) -> Run | None:
+        """The run to fetch if every slot waits for consecutive guest pages, else None."""
+        end = first + count
+        if not self._pending.all_set(first, end):
+            return None
+        head = self._guest[first]
+        if count > 1 and self._guest[first:end] != array("I", range(head, head + count)):
+            return None
+        return Run(first, head - 1, count)
+
+    def _read_each_locked(self, first: int, count: int, out: memoryview, untouched: list[int]) -> list[Run]:
+        """Fill `out` slot by slot; returns the runs still to fetch. Never-written slots go to `untouched`."""
+        to_fetch: list[tuple[int, int]] = []
+        for i in range(count):
+            slot = first + i
+            page = out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            guest = self._guest[slot] - 1
+            if self._overlay.get(slot):
+                self._store.read_into(page, slot)
+            elif guest >= 0:
+                if not self.armed:
+                    page[:] = self.codec.page(guest)
+                elif not self._pending.get(slot):
+                    self._store.read_into(page, slot)
+                else:
+                    to_fetch.append((slot, guest))
+            elif slot == 0:
+                page[:] = self.header
+            else:
+                page[:] = ZERO_PAGE
+                if not self._touched.get(slot):
+                    untouched.append(slot)
+        return coalesce(to_fetch)
 
     def _demand_started_locked(self) -> None:
         """A demand fetch begins (the caller holds the lock); the prefetcher yields until it ends."""
@@ -494,12 +523,17 @@ class Device:
         out_first_slot: int = 0,
     ) -> None:
         """Fetch `runs` from `source` in one round trip and store the pages of slots that still map
-        to them; if `out` is given, also copy each page to its slot's place in `out`."""
+        to them; if `out` is given, each page also lands at its slot's place in `out` (received there)."""
         if source is None:
             raise DeviceIOError("no source connection")
         ranges = [(run.guest * PAGE_SIZE, run.count * PAGE_SIZE) for run in runs]
         try:
-            datas = source.read_many(ranges, timeout)
+            if out is None:
+                datas = source.read_many(ranges, timeout)
+            else:  # straight into the caller's buffer
+                datas = [out[(run.slot - out_first_slot) * PAGE_SIZE : (run.slot - out_first_slot + run.count) * PAGE_SIZE]
+                         for run in runs]
+                source.read_many_into(ranges, datas, timeout)
         except Exception as exc:
             with self._lock:
                 self.source_errors += 1
@@ -517,10 +551,6 @@ class Device:
             for run, data in zip(runs, datas):
                 stored += self._store_run(run, data)
             self.fetched[reason] += stored
-        for run, data in zip(runs, datas):
-            if out is not None:
-                at = (run.slot - out_first_slot) * PAGE_SIZE
-                out[at : at + len(data)] = data
         self._fetched_counters[reason].inc(stored)
         self.metrics.fetched_bytes.inc(sum(len(d) for d in datas))
         self._check_complete()

@@ -40,6 +40,10 @@ class FakeSource:
             self.before_reply()
         return [self.image[offset : offset + length] for offset, length in ranges]
 
+    def read_many_into(self, ranges, views, timeout):
+        for view, data in zip(views, self.read_many(ranges, timeout), strict=True):
+            view[:] = data
+
     def close(self):
         self.down = True
 
