@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from . import PAGE_SIZE, swapheader
+from .linux import FileView
 from .markers import HEADER_SIZE, MarkerCodec, looks_like_marker
 from .metrics import DeviceMetrics
 
@@ -119,6 +120,18 @@ class Bitmap:
             edit(start)
             start += 1
 
+    def count(self, start: int, end: int) -> int:
+        """How many bits in [start, end) are set."""
+        total = 0
+        while start < end and start & 7:
+            total += self.get(start)
+            start += 1
+        whole_end = end & ~7
+        if start < whole_end:
+            total += int.from_bytes(self.bits[start >> 3 : whole_end >> 3], "little").bit_count()
+            start = whole_end
+        return total + sum(self.get(i) for i in range(start, end))
+
     def all_set(self, start: int, end: int) -> bool:
         """True if every bit in [start, end) is set."""
         while start < end and start & 7:
@@ -150,7 +163,12 @@ class Bitmap:
 
 
 class PageStore:
-    """Page data by slot in one sparse file that is already unlinked (nothing is left behind)."""
+    """Page data by slot in one sparse file that is already unlinked (nothing is left behind).
+
+    Reads copy out of a read-only mapping of the file, made on the first read: reads come from NBD
+    requests, so after nbdkit has locked its memory (FileView stays unlocked either way, but a mapping
+    made before mlockall(MCL_CURRENT) would be read in whole and pinned). Writes and hole punches use
+    the file, which the mapping shows at once (one page cache)."""
 
     _FALLOC_FL_KEEP_SIZE = 0x01
     _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -160,13 +178,26 @@ class PageStore:
             self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot create the page cache file in {directory}: {exc.strerror}") from exc
-        os.ftruncate(self.fd, slots * PAGE_SIZE)
+        self.size = slots * PAGE_SIZE
+        os.ftruncate(self.fd, self.size)
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        self._file_view: FileView | None = None
+        self._map_lock = threading.Lock()
 
     def read_into(self, view: memoryview, slot: int) -> None:
-        if os.preadv(self.fd, [view], slot * PAGE_SIZE) != len(view):
+        start = slot * PAGE_SIZE
+        file_view = self._file_view or self._map()
+        if file_view.populate(start, len(view)):
+            view[:] = file_view.view[start : start + len(view)]
+        elif os.preadv(self.fd, [view], start) != len(view):  # (it reports an I/O error as OSError)
             raise DeviceIOError(f"short read from the page cache file at slot {slot}")
+
+    def _map(self) -> FileView:
+        with self._map_lock:
+            if self._file_view is None:
+                self._file_view = FileView(self.fd, self.size)
+            return self._file_view
 
     def write(self, slot: int, data) -> None:
         if os.pwrite(self.fd, data, slot * PAGE_SIZE) != len(data):
@@ -182,6 +213,8 @@ class PageStore:
         return os.fstat(self.fd).st_blocks * 512
 
     def close(self) -> None:
+        if self._file_view is not None:
+            self._file_view.close()
         os.close(self.fd)
 
 
@@ -392,6 +425,16 @@ class Device:
                 had_data = True
         if had_data:
             self._store.punch(slot)
+
+    def _drop_range(self, start: int, end: int) -> None:
+        """_drop() of every slot in [start, end), in bulk: one hole for the whole range."""
+        self.overlay_pages -= self._overlay.count(start, end)
+        self._overlay.clear_range(start, end)
+        self.remaining -= self._pending.count(start, end)
+        self._pending.clear_range(start, end)
+        self.mapped -= end - start - self._guest[start:end].count(0)
+        self._guest[start:end] = _NO_SLOTS[: end - start]
+        self._store.punch(start, end - start)
 
     def _map(self, slot: int, guest: int) -> None:
         self._touched.set(slot)
@@ -672,8 +715,9 @@ class Device:
                 self._touched.set_range(start, stop)
                 if self._overlay.find(start, stop) < 0 and self._guest[start:stop] == _NO_SLOTS[: stop - start]:
                     continue  # nothing held here
-                for slot in range(start, stop):
-                    self._drop(slot)
+                # In bulk: the kernel discards freed swap slots as it goes, so during completion trims
+                # come about as often as swap-ins.
+                self._drop_range(start, stop)
 
     def _anomaly(self, kind: str, message: str, count: int = 1) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
 
-Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev.
+Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, an unlocked read-only
+file mapping (mmap, munlock, mprotect).
 /proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
 Every failure is an OSError whose message says which call on which process or file failed.
 """
@@ -38,6 +39,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MAP_FAILED = ctypes.c_void_p(-1).value
+PROT_NONE = 0  # (the mmap module has PROT_READ and PROT_WRITE only)
 
 
 class IoVec(ctypes.Structure):
@@ -121,6 +131,44 @@ def write_proc_mem(pid: int, data: bytes | bytearray | memoryview, address: int)
 
 
 # --- /proc/PID/maps --------------------------------------------------------------------------------
+
+
+class FileView:
+    """A read-only shared mapping of a whole file that is never locked in memory, even in a process
+    that called mlockall(MCL_FUTURE) (nbdkit --swap): the kernel neither reads the file in when it is
+    mapped nor pins the pages read through it. Copying out of it is a plain memcpy, several times
+    cheaper here than pread()'s copy from the page cache. Call populate() on a range before copying
+    out of it: a page fault that has to read the disk must not happen while the copy holds the GIL."""
+
+    def __init__(self, fd: int, length: int):
+        self.length = length
+        # Mapped inaccessible first (MCL_FUTURE would populate and lock an accessible mapping at once),
+        # unlocked, and only then made readable.
+        address = _libc.mmap(None, length, PROT_NONE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            raise _os_error(f"mmap of {length} bytes")
+        try:
+            if _libc.munlock(address, length) != 0:
+                raise _os_error("munlock")
+            if _libc.mprotect(address, length, mmap.PROT_READ) != 0:
+                raise _os_error("mprotect")
+        except OSError:
+            _libc.munmap(address, length)
+            raise
+        self.address = address
+        self.view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+
+    def populate(self, offset: int, length: int) -> bool:
+        """Fault [offset, offset + length) in (ctypes releases the GIL meanwhile). False if that failed,
+        an I/O error for instance: then read that range with pread(), as touching it could raise SIGBUS."""
+        return _libc.madvise(self.address + offset, length, MADV_POPULATE_READ) == 0
+
+    def close(self) -> None:
+        """Unmap; every slice of `view` must be gone (a later access would crash the process)."""
+        if self.address:
+            self.view.release()
+            _libc.munmap(self.address, self.length)
+            self.address = 0
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,20 @@ def test_trim_frees_slots(tmp_path, codec):
     assert device._store.allocated_bytes() == 0
 
 
+def test_big_trim_over_every_kind_of_slot(tmp_path, codec):
+    device, source = make_device(tmp_path, pages=3000, headroom=0)
+    stage(device, {slot: slot - 1 for slot in range(1, 2001)})  # mapped
+    device.write(os.urandom(500 * P), 2001 * P)  # overlay; slots 2501.. never written
+    device.arm()
+    device.read(1 * P, 700 * P)  # local now; 701..2000 still pending
+    device.trim(300 * P, 2500 * P)  # slots 300 .. 2799, across lock batches
+    status = device.status()
+    assert status["mapped"] == 299 and status["local"] == 299 and status["overlay_pages"] == 0
+    assert status["remaining"] == 0 and device.read(300 * P, 2500 * P) == bytes(2500 * P)
+    assert device._store.allocated_bytes() <= 299 * P + (1 << 20)
+    assert device.read(1 * P, 299 * P) == source.image[: 299 * P]
+
+
 def test_never_written_slot_reads_zeros_as_anomaly(tmp_path):
     device, source = make_device(tmp_path)
     device.arm()
@@ -343,6 +357,7 @@ def test_bitmap_ranges():
         bitmap.set_range(start, end)
         assert [i for i in range(256) if bitmap.get(i)] == list(range(start, end))
         assert bitmap.all_set(start, end)
+        assert bitmap.count(0, 256) == end - start and bitmap.count(start + 1, end + 3) == max(0, end - start - 1)
         assert not bitmap.all_set(start, end + 1) and (start == 0 or not bitmap.all_set(start - 1, end))
         bitmap.set_range(0, 256)
         bitmap.clear_range(start, end)
