@@ -5,11 +5,13 @@ Two tables, in one run:
      time `stage_range()` takes (and its phases: markers, page-out, purge, verify), seconds per GiB,
      then `complete_range()` throughput;
   2. the postcopy transport (nbdkit -> nbdfuse -> loop direct I/O -> swap, attached by setup-swap.sh):
-     completion throughput with plugin/postcopy.py fetching from `nbd-postcopy serve` (prefetcher off,
-     then on) against the same transport backed by nbdkit's C `memory` plugin (which answers with the
-     markers: the transport's own ceiling). Issue 4's target: plugin >= 0.8x memory.
+     completion throughput with plugin/postcopy.py and `nbd-postcopy serve` in three modes: prefetcher
+     off (completion fetches every page from the source), prefetcher racing completion, and completion
+     once the prefetcher has made every page local (how `nbd-postcopy migrate` runs it; the prefetch
+     time is its own column), against the same transport backed by nbdkit's C `memory` plugin (which
+     answers with the markers: the transport's own ceiling). Issue 4's target: plugin >= 0.8x memory.
 
-    .venv/bin/python benchmarks/bench_staging.py [--sizes 256,1024] [--transport-mib 256] [--results-dir DIR]
+    .venv/bin/python benchmarks/bench_staging.py [--sizes 256,1024] [--transport-mib 256] [--rounds 3] [--results-dir DIR]
 
 It holds the test suite's swap lock for the whole run (MADV_PAGEOUT goes to the highest-priority swap
 device), and every swap area, loop device, mount and process it makes is removed by the helpers it
@@ -22,8 +24,10 @@ import argparse
 import fcntl
 import os
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +47,13 @@ from tests.workload import Workload  # noqa: E402
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"
 PLAIN_COLUMNS = ["MiB", "stage s", "stage s/GiB", "pages/s", "markers s", "pageout s", "purge s", "verify s",
                  "complete s", "complete MiB/s"]
-TRANSPORT_COLUMNS = ["device", "MiB", "stage s", "complete s", "complete MiB/s", "vs memory"]
+TRANSPORT_COLUMNS = ["device", "MiB", "stage s", "prefetch s", "complete s", "complete MiB/s", "vs memory"]
+MEMORY_LABEL = "nbdkit memory (C)"
+TRANSPORT_MODES = [
+    ("off", "plugin, prefetch off: completion fetches every page"),
+    ("on", "plugin, prefetcher racing completion"),
+    ("first", "plugin, completion after the prefetcher (as migrate does)"),
+]
 
 
 def plain_row(mib: int, codec: MarkerCodec, processes: Processes) -> list:
@@ -59,31 +69,48 @@ def plain_row(mib: int, codec: MarkerCodec, processes: Processes) -> list:
             completed.brought_in * PAGE_SIZE / 2**20 / completed.seconds]
 
 
-def transport_run(label: str, mib: int, codec: MarkerCodec, keyfile: Path, run_dir: Path,
-                  processes: Processes, source_uri: str | None, prefetch: str = "off") -> tuple[str, float, float]:
-    """(label, stage seconds, complete seconds) on one attached device."""
+def wait_prefetched(control: str, timeout: float = 300.0) -> float:
+    """Seconds until the plugin reports every page local (the prefetcher is done)."""
+    started = time.monotonic()
+    while not request(control, "status")["complete"]:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the prefetcher did not finish within {timeout:g}s")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def transport_run(label: str, mib: int, codec: MarkerCodec, keyfile: Path, run_dir: Path, processes: Processes,
+                  source_uri: str | None, prefetch: str = "off") -> tuple[str, float, float | None, float]:
+    """(label, stage seconds, prefetch seconds, complete seconds) on one attached device. `prefetch`:
+    "off" (completion fetches every page), "on" (the prefetcher races completion) or "first"
+    (completion starts once the prefetcher has made every page local, as `nbd-postcopy migrate` does)."""
     if source_uri is None:
         slots = mib * 256 + max(4096, mib * 256 // 32) + 1
         attach = attached_postcopy_swap(run_dir, {}, standin=f"memory size={slots * PAGE_SIZE}")
         control = None
     else:
         attach = attached_postcopy_swap(run_dir, {"source": source_uri, "size": mib << 20, "key": keyfile,
-                                                  "prefetch": prefetch})
+                                                  "prefetch": "off" if prefetch == "off" else "on"})
     with attach as swap:
         control = str(swap.control) if source_uri else None
         work = Workload(processes, mib, "--fresh")
         staged = stage_range(work.pid, work.address, work.length, codec, swap.device, control=control, quiet=True)
+        prefetch_seconds = None
         if control:
             request(control, "arm")
+            if prefetch == "first":
+                prefetch_seconds = wait_prefetched(control)
         completed = complete_range(work.pid, work.address, work.length, quiet=True)
         work.exit()
-    return label, staged.seconds, completed.seconds
+    return label, staged.seconds, prefetch_seconds, completed.seconds
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="256,1024", help="plain-device range sizes in MiB (comma separated)")
     parser.add_argument("--transport-mib", type=int, default=256, help="range size for the transport table")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="transport runs per mode, interleaved; the table shows medians")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where staging.md and the CSVs go")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -106,16 +133,25 @@ def main() -> int:
             mib = args.transport_mib
             image = run_dir / "ram.img"
             servers.write_image(image, mib << 20)
-            runs = [transport_run("nbdkit memory (C)", mib, codec, keyfile, run_dir, processes, None)]
+            rounds: dict[str, list[tuple[float, float | None, float]]] = {}
             with servers.serve("nbd-postcopy", run_dir, image=image) as source:
-                for prefetch in ("off", "on"):
-                    runs.append(transport_run(f"plugin, prefetch {prefetch}", mib, codec, keyfile, run_dir,
-                                              processes, source.uri("unix"), prefetch))
-            baseline = mib / runs[0][2]
-            for label, stage_s, complete_s in runs:
+                for _ in range(args.rounds):  # interleaved, so a slow moment of the machine hits every mode
+                    modes = [(None, MEMORY_LABEL)] + TRANSPORT_MODES
+                    for prefetch, label in modes:
+                        uri = None if prefetch is None else source.uri("unix")
+                        label, *times = transport_run(label, mib, codec, keyfile, run_dir, processes, uri,
+                                                      prefetch or "off")
+                        rounds.setdefault(label, []).append(tuple(times))
+            baseline = mib / statistics.median(t[2] for t in rounds[MEMORY_LABEL])
+            for label, times in rounds.items():
+                stage_s = statistics.median(t[0] for t in times)
+                prefetch_s = None if times[0][1] is None else statistics.median(t[1] for t in times)
+                complete_s = statistics.median(t[2] for t in times)
                 rate = mib / complete_s
-                transport.append([label, mib, stage_s, complete_s, rate, rate / baseline])
-                print(f"{label}: completion {rate:.0f} MiB/s ({rate / baseline:.2f}x memory)", file=sys.stderr)
+                transport.append([label, mib, stage_s, "-" if prefetch_s is None else prefetch_s, complete_s, rate,
+                                  rate / baseline])
+                print(f"{label}: completion {rate:.0f} MiB/s ({rate / baseline:.2f}x memory; rounds: "
+                      f"{', '.join(f'{mib / t[2]:.0f}' for t in times)} MiB/s)", file=sys.stderr)
         finally:
             processes.stop_all()
             fcntl.flock(lock, fcntl.LOCK_UN)
