@@ -3,15 +3,20 @@
 
 1. 4 KiB demand-read latency at queue depth 1, client -> nbdkit+plugin -> `nbd-postcopy serve`, all
    over loopback TCP; every read is of a mapped, not yet local slot, so each one is a real demand
-   fetch. Reference: nbdkit's C `memory` plugin on the same socket type.
-2. The same while the prefetcher runs flat out (reads go to the far end of the sweep, so they are
-   still demand fetches).
+   fetch. Beside it, measured the same way (python3-libnbd, the same pause between reads, warm-up reads
+   first): the reference, nbdkit's C `memory` plugin (one hop); the architectural floor of any design
+   with a separate source, nbdkit's C `nbd` plugin in front of nbdkit memory (two hops, no Python); the
+   same C `nbd` plugin in front of `nbd-postcopy serve` (the source server's share); and
+   `nbd-postcopy serve` alone. These rows and the prefetch-off plugin take turns in --rounds rounds; each
+   reports the median of its per-round p50 and p99.
+2. The same demand reads while the prefetcher runs flat out (one run after the rounds, started once it
+   fetches pages; reads go to the far end of the sweep, so they are still demand fetches).
 3. The plugin's resident memory (VmRSS) after staging every page, at several guest sizes.
 
 Targets (issue 3): p50 <= 2x the C memory plugin; p99 with prefetch running <= 2x p99 idle;
 about 8 bytes of state per guest page.
 
-    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--think-us 1000] [--rss-sizes 256,1024,4096]
+    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--think-us 1000] [--rounds 3] [--rss-sizes 256,1024,4096]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E402
+from common import RESULTS_DIR, Cell, Table, machine_context, write_results  # noqa: E402
 from nbd_postcopy import PAGE_SIZE as P  # noqa: E402
 from nbd_postcopy.control import request  # noqa: E402
 from nbd_postcopy.markers import MarkerCodec  # noqa: E402
@@ -43,6 +48,15 @@ from nbd_postcopy.markers import MarkerCodec  # noqa: E402
 PLUGIN = REPO / "plugin" / "postcopy.py"
 CHUNK = 8 << 20  # bytes per staging write
 SPACING = 300  # slots between two measured reads (more than a fault's prefetch neighbourhood)
+WARM_UP = 200  # unmeasured reads before each row's measured reads in a round
+
+# Rows of the latency table
+MEMORY = "nbdkit memory (C)"  # the reference of issue 3's target: one hop, all C
+SERVE = "nbd-postcopy serve alone"  # one hop to the source page server
+FLOOR = "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python"  # the floor of any design with a separate source
+PROXIED = "nbdkit nbd (C) -> nbd-postcopy serve"  # the source page server's share of a demand fetch
+IDLE = "postcopy, prefetch off"
+BUSY = "postcopy, prefetcher running"
 
 
 def free_port() -> int:
@@ -128,7 +142,47 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> Table:
+def nbd_proxy_argv(port: int, upstream_port: int) -> list:
+    """nbdkit's C `nbd` plugin forwarding every request to the NBD server on `upstream_port`."""
+    return ["nbdkit", "-f", "-p", port, "-i", "127.0.0.1", "nbd", "hostname=127.0.0.1", f"port={upstream_port}"]
+
+
+def idle_slots(pages: int) -> list[int]:
+    """The slots the prefetch-off plugin is read at: the whole device (no sweep makes any slot local),
+    spaced as for the prefetching run."""
+    return list(range(1, pages + 1, SPACING))
+
+
+Row = tuple[nbd.NBD, list[list[int]], list[list[int]]]  # handle, warm-up offsets per round, measured offsets per round
+
+
+def interleaved(rows: dict[str, Row], rounds: int, think: float) -> dict[str, list[tuple[float, float]]]:
+    """(p50, p99) of every row in every round; the rows take turns, in an order that rotates each round,
+    so that a change of load on the machine hits all alike."""
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in rows}
+    labels = list(rows)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            handle, warm_up, measured = rows[label]
+            latencies(handle, warm_up[r])
+            results[label].append(summary(latencies(handle, measured[r], think)))
+    return results
+
+
+def wait_prefetching(control: Path, timeout: float = 30.0) -> None:
+    """Wait until the prefetcher fetches pages (after arming it first asks the source for zero pages)."""
+    deadline = time.monotonic() + timeout
+    while request(str(control), "status")["fetched_prefetch"] == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the prefetcher fetched nothing in {timeout:g}s")
+        time.sleep(0.005)
+
+
+def median_round(per_round: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(p50 for p50, _ in per_round), statistics.median(p99 for _, p99 in per_round)
+
+
+def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: int) -> Table:
     pages = guest_mib * 256
     image = work / "ram.img"
     with open(image, "wb") as f:
@@ -139,66 +193,111 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float) -> Table
     codec = MarkerCodec(key.read_bytes())
     rng = random.Random(42)
 
-    # reference: nbdkit's C memory plugin, filled with data
-    port = free_port()
-    with process(["nbdkit", "-f", "-p", port, "-i", "127.0.0.1", "memory", f"{guest_mib}M"], port, work / "memory.log"):
-        handle = connect(port)
-        for offset in range(0, pages * P, CHUNK):
-            handle.pwrite(os.urandom(CHUNK), offset)
-        memory_offsets = [rng.randrange(pages) * P for _ in range(reads)]
-        latencies(handle, memory_offsets[:200])
-        memory = summary(latencies(handle, memory_offsets, think))  # same pause: waking up costs both alike
-        handle.shutdown()
-
-    # Slots in the upper half (the prefetcher's sweep starts at slot 1), spaced wider than the
-    # neighbourhood a fault makes the prefetcher fetch, in random order: each read is a demand fetch.
+    # The reference rows read the same random pages every round.
+    reference_offsets = [rng.randrange(pages) * P for _ in range(reads)]
+    reference_warm_up = reference_offsets[:WARM_UP]
+    # Prefetch off: each round reads its own share of the slots (a slot is a demand fetch only once),
+    # and warms up on slots halfway between them (demand fetches too, never measured).
+    slots = idle_slots(pages)
+    rng.shuffle(slots)
+    idle_offsets = [slot * P for slot in slots[: reads * rounds]]
+    idle_warm_up = [(slot + SPACING // 2) * P for slot in slots if slot + SPACING // 2 <= pages]
+    # Prefetching: slots in the upper half (the prefetcher's sweep starts at slot 1), spaced wider than
+    # the neighbourhood a fault makes the prefetcher fetch, in random order: each read is a demand fetch.
     slots = list(range(pages // 2, pages + 1, SPACING))
     rng.shuffle(slots)
     offsets = [slot * P for slot in slots[:reads]]
+
     source_port = free_port()
     source = ["nbd-postcopy", "serve", "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
     with process(source, source_port, work / "source.log"):
-        results = {}
-        for mode in ("idle", "prefetching"):
-            port = free_port()
-            control = work / f"ctl-{mode}.sock"
-            extra = ["prefetch=off"] if mode == "idle" else []
-            with process(plugin_argv(port, source_port, pages, key, control, work, *extra), port, work / f"plugin-{mode}.log"):
-                handle = connect(port)
-                stage_all(handle, codec, pages)
-                request(str(control), "arm")
-                samples = latencies(handle, offsets, think)
-                status = request(str(control), "status")
-                results[mode] = summary(samples)
-                results[mode + " demand"] = status["fetched_demand"]
-                results[mode + " prefetched"] = status["fetched_prefetch"]
+        with contextlib.ExitStack() as servers:
+            memory_port = free_port()
+            memory_argv = ["nbdkit", "-f", "-p", memory_port, "-i", "127.0.0.1", "memory", f"{guest_mib}M"]
+            servers.enter_context(process(memory_argv, memory_port, work / "memory.log"))
+            floor_port, proxy_port, plugin_port = free_port(), free_port(), free_port()
+            servers.enter_context(process(nbd_proxy_argv(floor_port, memory_port), floor_port, work / "floor.log"))
+            servers.enter_context(process(nbd_proxy_argv(proxy_port, source_port), proxy_port, work / "proxy.log"))
+            control = work / "ctl-idle.sock"
+            argv = plugin_argv(plugin_port, source_port, pages, key, control, work, "prefetch=off")
+            servers.enter_context(process(argv, plugin_port, work / "plugin-idle.log"))
+
+            memory_client = connect(memory_port)
+            for offset in range(0, pages * P, CHUNK):
+                memory_client.pwrite(os.urandom(CHUNK), offset)
+            plugin_client = connect(plugin_port)
+            stage_all(plugin_client, codec, pages)
+            request(str(control), "arm")
+            reference = ([reference_warm_up] * rounds, [reference_offsets] * rounds)
+            rows = {
+                MEMORY: (memory_client, *reference),
+                SERVE: (connect(source_port), *reference),
+                FLOOR: (connect(floor_port), *reference),
+                PROXIED: (connect(proxy_port), *reference),
+                IDLE: (plugin_client, [idle_warm_up[r::rounds][:WARM_UP] for r in range(rounds)],
+                       [idle_offsets[r::rounds] for r in range(rounds)]),
+            }  # fmt: skip
+            before = request(str(control), "status")
+            per_round = interleaved(rows, rounds, think)
+            after = request(str(control), "status")
+            warm_ups = sum(len(warm_up) for warm_up in rows[IDLE][1])  # demand fetches too
+            idle_demand = after["fetched_demand"] - before["fetched_demand"] - warm_ups
+            for handle, _, _ in rows.values():
                 handle.shutdown()
 
-    print(f"4 KiB read latency at QD1 over loopback TCP, {guest_mib} MiB guest, {len(offsets)} reads {think * 1e3:g} ms apart:")
-    print(f"  nbdkit memory (C)                  p50 {memory[0]:7.1f} us   p99 {memory[1]:7.1f} us")
-    idle, busy = results["idle"], results["prefetching"]
-    print(f"  postcopy demand fetch, idle        p50 {idle[0]:7.1f} us   p99 {idle[1]:7.1f} us")
-    print(f"  postcopy demand fetch, prefetching p50 {busy[0]:7.1f} us   p99 {busy[1]:7.1f} us")
-    print(
-        f"  (reads that were demand fetches: idle {results['idle demand']}, prefetching "
-        f"{results['prefetching demand']}; pages prefetched meanwhile: {results['prefetching prefetched']})"
-    )
-    print(f"  ratio p50 idle / memory: {idle[0] / memory[0]:.2f}x (target <= 2x)")
-    print(f"  ratio p99 prefetching / idle: {busy[1] / idle[1]:.2f}x (target <= 2x)")
+        port = free_port()
+        control = work / "ctl-prefetching.sock"
+        with process(plugin_argv(port, source_port, pages, key, control, work), port, work / "plugin-prefetching.log"):
+            handle = connect(port)
+            stage_all(handle, codec, pages)
+            request(str(control), "arm")
+            wait_prefetching(control)
+            busy = summary(latencies(handle, offsets, think))
+            status = request(str(control), "status")
+            busy_demand, busy_prefetched = status["fetched_demand"], status["fetched_prefetch"]
+            handle.shutdown()
+
+    medians = {label: median_round(values) for label, values in per_round.items()}
+    memory, floor, proxied, idle = medians[MEMORY], medians[FLOOR], medians[PROXIED], medians[IDLE]
     p50_ratio, p99_ratio = idle[0] / memory[0], busy[1] / idle[1]
-    return Table(
-        f"4 KiB read latency at queue depth 1, loopback TCP, {guest_mib} MiB guest, {len(offsets)} reads",
-        ["device", "p50 µs", "p99 µs", "demand fetches", "pages prefetched meanwhile"],
-        [
-            ["nbdkit memory (C)", memory[0], memory[1], "-", "-"],
-            ["postcopy, prefetch off", idle[0], idle[1], results["idle demand"], 0],
-            ["postcopy, prefetcher running", busy[0], busy[1], results["prefetching demand"],
-             results["prefetching prefetched"]],
-            [f"ratios: p50 idle / memory {p50_ratio:.2f}x (target <= 2x, "
-             f"{'met' if p50_ratio <= 2 else 'missed'}); p99 prefetching / idle {p99_ratio:.2f}x (target <= 2x, "
-             f"{'met' if p99_ratio <= 2 else 'missed'})", "", "", "", ""],
-        ],
+    floor_ratio, ours_ratio, proxied_ratio = floor[0] / memory[0], idle[0] / floor[0], proxied[0] / floor[0]
+    print(f"4 KiB read latency at QD1 over loopback TCP, {guest_mib} MiB guest, reads {think * 1e3:g} ms apart "
+          f"(median of {rounds} interleaved rounds, but one run with the prefetcher running):")
+    for label, (p50, p99) in medians.items():
+        each = " ".join(f"{p50:.0f}" for p50, _ in per_round[label])
+        print(f"  {label:58} p50 {p50:7.1f} us   p99 {p99:7.1f} us   (p50 per round: {each})")
+    print(f"  {BUSY:58} p50 {busy[0]:7.1f} us   p99 {busy[1]:7.1f} us")
+    print(
+        f"  (reads that were demand fetches: prefetch off {idle_demand} of {len(idle_offsets)}, prefetching "
+        f"{busy_demand} of {len(offsets)}; pages prefetched meanwhile: {busy_prefetched})"
     )
+    print(f"  ratio p50 idle / memory: {p50_ratio:.2f}x (target <= 2x)")
+    print(f"  ratio p50 two-C-hop floor / memory: {floor_ratio:.2f}x; idle / floor: {ours_ratio:.2f}x; "
+          f"C nbd -> serve / floor: {proxied_ratio:.2f}x")
+    print(f"  ratio p99 prefetching / idle: {p99_ratio:.2f}x (target <= 2x)")
+
+    def round_row(label: str, hops: int, demand: Cell = "-", prefetched: Cell = "-") -> list[Cell]:
+        reads_all = sum(len(measured) for measured in rows[label][2])
+        each = " / ".join(f"{p50:.0f}" for p50, _ in per_round[label])
+        return [label, hops, *medians[label], each, f"{reads_all} in {rounds}", demand, prefetched]
+
+    return Table(
+        f"4 KiB read latency at queue depth 1, loopback TCP, {guest_mib} MiB guest, reads {think * 1e6:g} µs apart",
+        ["device", "network hops", "p50 µs", "p99 µs", "p50 per round µs", "reads in rounds", "demand fetches",
+         "pages prefetched meanwhile"],
+        [
+            round_row(MEMORY, 1),
+            round_row(SERVE, 1),
+            round_row(FLOOR, 2),
+            round_row(PROXIED, 2),
+            round_row(IDLE, 2, idle_demand, 0),
+            [BUSY, 2, *busy, "-", f"{len(offsets)} in 1", busy_demand, busy_prefetched],
+            [f"ratios of p50: idle / memory {p50_ratio:.2f}x (target <= 2x, {'met' if p50_ratio <= 2 else 'missed'}); "
+             f"two-C-hop floor / memory {floor_ratio:.2f}x; idle / floor {ours_ratio:.2f}x; C nbd -> serve / floor "
+             f"{proxied_ratio:.2f}x; of p99: prefetching / idle {p99_ratio:.2f}x (target <= 2x, "
+             f"{'met' if p99_ratio <= 2 else 'missed'})", "", "", "", "", "", "", ""],
+        ],
+    )  # fmt: skip
 
 
 def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
@@ -241,16 +340,24 @@ def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--guest-mib", type=int, default=1024, help="guest size for the latency runs (0: skip them)")
-    parser.add_argument("--reads", type=int, default=1000, help="at most; also bounded by guest size / 600 slots")
-    parser.add_argument("--think-us", type=float, default=1000, help="pause between two measured demand reads")
+    parser.add_argument("--reads", type=int, default=1000,
+                        help="reads per row and round; the plugin rows read at most one slot in 300 (prefetch off: "
+                             "shared among the rounds; prefetching: of the upper half)")
+    parser.add_argument("--think-us", type=float, default=1000, help="pause between two measured reads")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the reference rows and the prefetch-off plugin (median reported)")
     parser.add_argument("--rss-sizes", default="256,1024,4096", help="guest sizes in MiB for the RSS measurement")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where device.md and its CSVs go")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.guest_mib and len(idle_slots(args.guest_mib * 256)) < args.rounds:
+        parser.error(f"--guest-mib {args.guest_mib} has too few slots to read for {args.rounds} rounds")
     work = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/var/tmp"))
     tables = []
     try:
         if args.guest_mib:
-            tables.append(bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6))
+            tables.append(bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6, args.rounds))
         tables.append(bench_rss(work, [int(s) for s in args.rss_sizes.split(",") if s]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -258,6 +365,15 @@ def main() -> int:
         machine_context(),
         "demand reads: libnbd -> nbdkit + plugin/postcopy.py -> nbd-postcopy serve, every read a real demand "
         f"fetch of a mapped, not yet local slot, {args.think_us:g} µs apart; reference: nbdkit's C memory plugin",
+        "architectural floor: nbdkit's C nbd plugin in front of nbdkit memory, two network hops with no Python, "
+        "as a demand fetch has; the same C nbd plugin in front of nbd-postcopy serve (serving the image the plugin "
+        "fetches from) shows the source server's share; all read random pages with the same client and pause",
+        f"method: the first five rows take turns in {args.rounds} rounds (order rotating each round); in each round "
+        f"a row gets {WARM_UP} warm-up reads, then its measured reads; p50 and p99 are the median over the rounds. "
+        "The prefetch-off plugin is staged once, each round reads its own share of its slots and warms up on other "
+        "slots (a slot is a demand fetch only once). The prefetcher-running row is one run after the rounds, "
+        "without warm-up (its prefetcher makes slots local as it goes), started once the prefetcher fetches pages "
+        "(not while it still asks the source which pages are zero)",
         "targets (issue 3): p50 <= 2x the C memory plugin; p99 with the prefetcher running <= 2x p99 idle",
     ]
     for path in write_results("device", "Destination device: plugin/postcopy.py vs nbdkit memory", notes, tables,

@@ -51,4 +51,5 @@ def test_bench_device_smoke(run_dir: Path):
     result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     table = (run_dir / "device.md").read_text()
-    assert "| nbdkit memory (C) |" in table and "| postcopy, prefetch off |" in table
+    for row in ("nbdkit memory (C)", "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python", "postcopy, prefetch off"):
+        assert f"| {row} |" in table
