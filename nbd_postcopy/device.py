@@ -14,9 +14,12 @@ Reads, per slot:
                                         request, coalesced into runs of consecutive guest pages
     unmapped .......................... zeros (an anomaly unless the slot was trimmed)
 
-State costs about 4.5 bytes per slot: `array('I')` slot -> guest page + 1 and a few bitmaps. Page data
+State costs about 4.6 bytes per slot: `array('I')` slot -> guest page + 1 and a few bitmaps. Page data
 (overlay and fetched pages) lives in one sparse, already-unlinked file indexed by slot, so the process
-stays small and the OS page cache holds the data. No nbdkit imports: the plugin is a thin shell.
+stays small and the OS page cache holds the data. A trim only forgets (the kernel discards every swap
+slot it frees); a slot's old bytes are punched out when a marker maps it again, because a slot waiting
+for its page must be a hole: a known zero page is read from it. No nbdkit imports: the plugin is a thin
+shell.
 """
 
 from __future__ import annotations
@@ -271,6 +274,7 @@ class Device:
         self._overlay = Bitmap(self.slots)  # the slot holds written data
         self._pending = Bitmap(self.slots)  # mapped and not local yet
         self._touched = Bitmap(self.slots)  # ever written or trimmed (reads of others are anomalies)
+        self._has_data = Bitmap(self.slots)  # the page file may hold bytes here (else it is a hole)
         self._zero = Bitmap(pages)  # guest pages the source reported as all zeros
         self._store = PageStore(cache_dir, self.slots)
 
@@ -408,39 +412,35 @@ class Device:
             log.info("all pages are local: the source can be released (%d mapped pages)", self.mapped)
 
     # --- slot transitions (caller holds the lock) -----------------------------------------------
-    def _drop(self, slot: int) -> None:
-        """Forget whatever the slot holds and punch its data."""
-        had_data = False
+    def _forget(self, slot: int) -> None:
+        """Clear what the slot holds (its bytes stay in the page file: see _has_data)."""
         if self._overlay.get(slot):
             self._overlay.clear(slot)
             self.overlay_pages -= 1
-            had_data = True
         if self._guest[slot]:
             self._guest[slot] = 0
             self.mapped -= 1
             if self._pending.get(slot):
                 self._pending.clear(slot)
                 self.remaining -= 1
-            else:
-                had_data = True
-        if had_data:
-            self._store.punch(slot)
 
-    def _drop_range(self, start: int, end: int) -> None:
-        """_drop() of every slot in [start, end), in bulk: one hole for the whole range."""
+    def _forget_range(self, start: int, end: int) -> None:
+        """_forget() of every slot in [start, end), in bulk."""
         self.overlay_pages -= self._overlay.count(start, end)
         self._overlay.clear_range(start, end)
         self.remaining -= self._pending.count(start, end)
         self._pending.clear_range(start, end)
         self.mapped -= end - start - self._guest[start:end].count(0)
         self._guest[start:end] = _NO_SLOTS[: end - start]
-        self._store.punch(start, end - start)
 
     def _map(self, slot: int, guest: int) -> None:
         self._touched.set(slot)
         if self._guest[slot] == guest + 1:
             return  # the same mapping again: any fetched data stays valid
-        self._drop(slot)
+        self._forget(slot)
+        if self._has_data.get(slot):  # a slot waiting for its page is a hole: known zero pages are read from it
+            self._store.punch(slot)
+            self._has_data.clear(slot)
         self._guest[slot] = guest + 1
         self.mapped += 1
         if not (self.armed and self._zero.get(guest)):
@@ -448,12 +448,17 @@ class Device:
             self.remaining += 1
 
     def _make_overlay(self, slot: int) -> None:
+        """The caller writes the slot's data next, under the same lock."""
         self._touched.set(slot)
         if self._overlay.get(slot):
             return
-        self._drop(slot)
+        self._forget(slot)
         self._overlay.set(slot)
         self.overlay_pages += 1
+
+    def _store_pages(self, slot: int, data) -> None:
+        self._store.write(slot, data)
+        self._has_data.set_range(slot, slot + len(data) // PAGE_SIZE)
 
     # --- I/O --------------------------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -603,7 +608,7 @@ class Device:
         (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state)."""
         if run.count == 1:  # one page: the same test as below, without building arrays
             if self._pending.get(run.slot) and self._guest[run.slot] == run.guest + 1:
-                self._store.write(run.slot, data)
+                self._store_pages(run.slot, data)
                 self._pending.clear(run.slot)
                 self.remaining -= 1
                 return 1
@@ -612,7 +617,7 @@ class Device:
         if self._pending.all_set(run.slot, end) and self._guest[run.slot : end] == array(
             "I", range(run.guest + 1, run.guest + run.count + 1)
         ):  # the usual case: nothing changed while the fetch was in flight
-            self._store.write(run.slot, data)
+            self._store_pages(run.slot, data)
             self._pending.clear_range(run.slot, end)
             self.remaining -= run.count
             return run.count
@@ -624,7 +629,7 @@ class Device:
             while j < run.count and self._guest[run.slot + j] == run.guest + j + 1 and self._pending.get(run.slot + j):
                 j += 1
             if j > i:
-                self._store.write(run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE])
+                self._store_pages(run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE])
                 for k in range(i, j):
                     self._pending.clear(run.slot + k)
                 self.remaining -= j - i
@@ -684,10 +689,10 @@ class Device:
                         continue
                     self._map(first + i, guests[i])
                     if data_start is not None:
-                        self._store.write(first + data_start, data[data_start * PAGE_SIZE : i * PAGE_SIZE])
+                        self._store_pages(first + data_start, data[data_start * PAGE_SIZE : i * PAGE_SIZE])
                         data_start = None
                 if data_start is not None:
-                    self._store.write(first + data_start, data[data_start * PAGE_SIZE : chunk_end * PAGE_SIZE])
+                    self._store_pages(first + data_start, data[data_start * PAGE_SIZE : chunk_end * PAGE_SIZE])
 
     def _parse_marker(self, slot: int, page: memoryview) -> int | None:
         """The guest page a written page maps its slot to, or None if the page is data."""
@@ -715,9 +720,11 @@ class Device:
                 self._touched.set_range(start, stop)
                 if self._overlay.find(start, stop) < 0 and self._guest[start:stop] == _NO_SLOTS[: stop - start]:
                     continue  # nothing held here
-                # In bulk: the kernel discards freed swap slots as it goes, so during completion trims
-                # come about as often as swap-ins.
-                self._drop_range(start, stop)
+                # In bulk, and without punching: the kernel discards freed swap slots as it goes, so
+                # during completion trims come about as often as swap-ins. A trimmed slot reads as
+                # zeros from its state alone; _map() punches old bytes before a slot can read from
+                # the page file again without being written first.
+                self._forget_range(start, stop)
 
     def _anomaly(self, kind: str, message: str, count: int = 1) -> None:
         with self._lock:
