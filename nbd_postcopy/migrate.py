@@ -10,14 +10,17 @@ on a shared backend), and the destination's RAM arrives through kernel swap:
   4. stage the destination RAM onto it and arm the device;
   5. migrate; the gate opens the moment the source stops (QMP STOP event), and the guest resumes at
      the destination, faulting its pages in on demand while the prefetcher pulls the rest;
-  6. complete: once the device's prefetcher has pulled every page, pre-page them all into the guest,
-     then quit the source, stop the page server and detach the device.
+  6. release and complete: once the device's prefetcher has pulled every page, the source is no longer
+     needed: quit it and stop the page server; then pre-page every page into the guest (now a local
+     copy) and detach the device. (If the prefetcher stalls, completion fetches the rest first.)
 
 Until the destination resumes, any failure rolls back: the source keeps (or resumes) running, the
 destination QEMU is told to quit (an -incoming QEMU cannot take a second migration), and everything
 started here is stopped. After that point the guest lives at the destination and needs the source
 until every page is local, so a failure leaves the source and the page server up and says so; only
 if the destination QEMU itself is gone are they removed, leaving the paused source to be resumed.
+Once every page is local the source is released, as QEMU's own postcopy releases it once every page
+is sent; a failure after that leaves the swap device attached, holding every page.
 """
 
 from __future__ import annotations
@@ -168,11 +171,19 @@ class _Migration:
             raise
         self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
                  f"after the source stopped); completing")
+        released_at = None
         try:
             self._wait_for_prefetch()
+            if self._device("status").get("complete"):  # every page is local: the source is not needed
+                released_at = self._release_source(source)
             completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
                                         quiet=self.o.quiet, stream=self.stream)
         except BaseException as exc:
+            if released_at is not None:
+                raise MigrateError(
+                    f"completion failed after the source was released: {exc}. Every page is on the swap device "
+                    f"{self.swap_name}, which was left attached; retry with '{SETUP_SWAP} detach {self.swap_name} "
+                    f"--pid {dst_pid} --address {dst_ram.address:#x} --length {dst_ram.length}'") from exc
             if _exited(dst_pid):
                 self._stop_server()
                 self._detach()
@@ -192,11 +203,10 @@ class _Migration:
             raise MigrateError(
                 f"completion ended but the device still has {status.get('remaining')} pages to fetch: the source "
                 f"QEMU (pid {src_pid}), the page server and the swap device {self.swap_name} were left running")
+        if released_at is None:  # completion fetched what the prefetcher had left
+            released_at = self._release_source(source)
         faults = self._fault_latency()
-        if self.o.release_source:
-            source.execute("quit", timeout=10)
-        total = time.monotonic() - started
-        self._stop_server()
+        total = released_at - started
         self._detach()
         return MigrationReport(
             guest_bytes=dst_ram.length,
@@ -344,6 +354,16 @@ class _Migration:
                 source.execute("cont")
         self._stop_server()
         self._detach()
+
+    def _release_source(self, source: Qmp) -> float:
+        """Every page is local: quit the source (unless told not to) and stop the page server. Returns
+        when that happened (time.monotonic())."""
+        if self.o.release_source:
+            source.execute("quit", timeout=10)
+        self._stop_server()
+        self.say("every page is local: the source " + ("was released" if self.o.release_source else
+                                                         "is no longer needed (left running as asked)"))
+        return time.monotonic()
 
     def _stop_server(self) -> None:
         if self.server is not None and self.server.poll() is None:

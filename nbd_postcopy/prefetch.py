@@ -35,8 +35,8 @@ BASELINE_DRIFT = 1.01  # the baseline grows by this factor per fault unless a fa
 DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
 MAX_PAUSE = 0.05
 RETRY_PAUSE = 1.0  # after a failed prefetch fetch
-DEMAND_QUIET = 0.003  # seconds without a demand fault before a batch goes out...
-DEMAND_YIELD = 0.01  # ...waiting at most this long (then one run goes out anyway)
+DEMAND_QUIET = 0.002  # seconds without a demand fault before a batch goes out...
+DEMAND_YIELD = 0.005  # ...waiting at most this long (then one run goes out anyway)
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
 
 
