@@ -47,7 +47,8 @@ from tests.workload import Workload  # noqa: E402
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"
 PLAIN_COLUMNS = ["MiB", "stage s", "stage s/GiB", "pages/s", "markers s", "pageout s", "purge s", "verify s",
                  "complete s", "complete MiB/s"]
-TRANSPORT_COLUMNS = ["device", "MiB", "stage s", "prefetch s", "complete s", "complete MiB/s", "vs memory"]
+TRANSPORT_COLUMNS = ["device", "MiB", "stage s", "prefetch s", "complete s", "complete MiB/s", "vs memory",
+                     "MiB/s per round"]
 MEMORY_LABEL = "nbdkit memory (C)"
 TRANSPORT_MODES = [
     ("off", "plugin, prefetch off: completion fetches every page"),
@@ -148,10 +149,11 @@ def main() -> int:
                 prefetch_s = None if times[0][1] is None else statistics.median(t[1] for t in times)
                 complete_s = statistics.median(t[2] for t in times)
                 rate = mib / complete_s
+                per_round = " / ".join(f"{mib / t[2]:.0f}" for t in times)
                 transport.append([label, mib, stage_s, "-" if prefetch_s is None else prefetch_s, complete_s, rate,
-                                  rate / baseline])
-                print(f"{label}: completion {rate:.0f} MiB/s ({rate / baseline:.2f}x memory; rounds: "
-                      f"{', '.join(f'{mib / t[2]:.0f}' for t in times)} MiB/s)", file=sys.stderr)
+                                  rate / baseline, per_round])
+                print(f"{label}: completion {rate:.0f} MiB/s ({rate / baseline:.2f}x memory; rounds: {per_round})",
+                      file=sys.stderr)
         finally:
             processes.stop_all()
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -165,7 +167,9 @@ def main() -> int:
              "Plain device: sparse file in /var/tmp, loop --direct-io=on, swapon -p 32000; workload memory is fresh "
              "(never touched), as an -incoming QEMU's.",
              "Transport: setup-swap.sh attach (nbdkit -> nbdfuse -> loop direct I/O); completion = "
-             "process_madvise(MADV_WILLNEED) in 1 MiB chunks + read-touch; target plugin >= 0.8x memory."]
+             "process_madvise(MADV_WILLNEED) in 1 MiB chunks + read-touch; target plugin >= 0.8x memory.",
+             f"Transport rows: the modes take turns in {args.rounds} rounds; times are medians over the rounds, "
+             "the ratio is of medians. Prefetch s: from arming until every page was local."]
     for path in write_results("staging", "Staging and completion", notes, tables, args.results_dir):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -65,6 +65,12 @@ def test_reads_and_block_status(processes, run_dir, image, kind):
         ranges = [(random.randrange(SIZE // PAGE) * PAGE, PAGE) for _ in range(300)] + [(0, SIZE)]
         for (offset, length), got in zip(ranges, client.read_many(ranges)):
             assert got == data[offset : offset + length]
+        out = bytearray(SIZE + PAGE)  # a whole-image reply comes in pieces: the rest lands in one receive
+        views = [memoryview(out)[:PAGE], memoryview(out)[PAGE:]]
+        client.read_many_into([(SIZE - PAGE, PAGE), (0, SIZE)], views)
+        assert out == data[-PAGE:] + data
+        with pytest.raises(ValueError, match="a view of 10 bytes"):
+            client.read_many_into([(0, PAGE)], [memoryview(out)[:10]])
         extents = client.block_status(0, SIZE)
         assert sum(n for n, _ in extents) <= SIZE
         if kind == "nbd-postcopy":
