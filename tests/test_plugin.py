@@ -53,12 +53,13 @@ def source(run_dir, image):
 class Plugin:
     """nbdkit running plugin/postcopy.py on a Unix socket; its stderr goes to a log file."""
 
-    def __init__(self, processes, run_dir: Path, source_uri: str, key_file: Path, *extra: str):
+    def __init__(self, processes, run_dir: Path, source_uri: str, key_file: Path, *extra: str,
+                 nbdkit_options: tuple[str, ...] = ()):
         self.socket = run_dir / "dev.sock"
         self.control = run_dir / "ctl.sock"
         self.log = run_dir / "nbdkit.log"
         argv = [
-            "nbdkit", "-f", "-U", self.socket, "python", PLUGIN,
+            "nbdkit", "-f", *nbdkit_options, "-U", self.socket, "python", PLUGIN,
             f"source={source_uri}", f"pages={PAGES}", f"key={key_file}", f"control={self.control}",
             f"cache-dir={run_dir}", *extra,
         ]  # fmt: skip
@@ -127,6 +128,35 @@ def test_overlay_trim_and_unaligned_writes(processes, run_dir, source, key_file)
     assert handle.pread(2 * P, 13 * P) == bytes(expected[3 * P :])
     status = plugin.status()
     assert status["overlay_pages"] == 2 and status["anomalies"] == 0
+    handle.shutdown()
+
+
+def page_file_mapping(pid: int, cache_dir: Path) -> dict[str, int]:
+    """The smaps fields (kB) of the plugin's mapping of its page file (an unlinked file in cache_dir)."""
+    fields: dict[str, int] = {}
+    current = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            current = len(head) >= 6 and head[5].startswith(str(cache_dir))
+        elif current and line.endswith(" kB"):
+            fields[head[0].rstrip(":")] = int(head[1])
+    if not fields:
+        raise AssertionError(f"no mapping of a file in {cache_dir} in /proc/{pid}/smaps")
+    return fields
+
+
+def test_page_file_reads_stay_unlocked_under_nbdkit_swap(processes, run_dir, source, key_file):
+    """nbdkit --swap locks all its memory (mlockall, current and future mappings); the page file's
+    read mapping must stay out of it, or reading a guest's pages would pin them all."""
+    plugin = Plugin(processes, run_dir, source.uri("unix"), key_file, "prefetch=off", "armed=yes",
+                    nbdkit_options=("--swap",))
+    handle = plugin.connect()
+    data = os.urandom(16 << 20)
+    handle.pwrite(data, P)  # overlay in the page file
+    assert handle.pread(len(data), P) == data  # read back through the mapping
+    mapping = page_file_mapping(plugin.proc.pid, run_dir)
+    assert mapping["Rss"] >= 16 << 10 and mapping["Locked"] == 0
     handle.shutdown()
 
 
