@@ -60,7 +60,8 @@ def default_headroom(pages: int) -> int:
 
 
 class PageSource(Protocol):
-    """What the device needs from a source connection (nbd_postcopy.client.SourceClient)."""
+    """What the device needs from a source connection (nbd_postcopy.client.SourceClient). Reads give
+    exactly the bytes asked for, or raise."""
 
     size: int
     connected: bool
@@ -134,19 +135,6 @@ class Bitmap:
             total += int.from_bytes(self.bits[start >> 3 : whole_end >> 3], "little").bit_count()
             start = whole_end
         return total + sum(self.get(i) for i in range(start, end))
-
-    def all_set(self, start: int, end: int) -> bool:
-        """True if every bit in [start, end) is set."""
-        while start < end and start & 7:
-            if not self.get(start):
-                return False
-            start += 1
-        whole_end = end & ~7
-        if start < whole_end:
-            if self.bits[start >> 3 : whole_end >> 3].count(0xFF) != (whole_end - start) >> 3:
-                return False
-            start = whole_end
-        return all(self.get(i) for i in range(start, end))
 
     def find(self, start: int, end: int) -> int:
         """The first set index in [start, end), or -1."""
@@ -492,9 +480,10 @@ class Device:
             # Swap-ins of whole clusters, in bulk: every slot mapped and local, or every slot waiting
             # for one run of consecutive guest pages. Anything else goes slot by slot.
             plain = self.armed and first > 0 and self._overlay.find(first, end) < 0
-            local = plain and self._pending.find(first, end) < 0 and 0 not in self._guest[first:end]
+            waiting = self._pending.count(first, end) if plain else -1
+            local = waiting == 0 and 0 not in self._guest[first:end]
             if not local:
-                run = self._pending_run_locked(first, count) if plain else None
+                run = self._consecutive_run_locked(first, count) if waiting == count else None
                 runs = [run] if run else self._read_each_locked(first, count, out, untouched)
                 if runs:
                     self._demand_started_locked()
@@ -515,13 +504,10 @@ class Device:
             for listener in self._fault_listeners:
                 listener(runs[0].slot, seconds)
 
-    def _pending_run_locked(self, first: int, count: int) -> Run | None:
-        """The run to fetch if every slot waits for consecutive guest pages, else None."""
-        end = first + count
-        if not self._pending.all_set(first, end):
-            return None
+    def _consecutive_run_locked(self, first: int, count: int) -> Run | None:
+        """The run if the slots map to consecutive guest pages, else None."""
         head = self._guest[first]
-        if count > 1 and self._guest[first:end] != array("I", range(head, head + count)):
+        if not head or count > 1 and self._guest[first : first + count] != array("I", range(head, head + count)):
             return None
         return Run(first, head - 1, count)
 
@@ -591,9 +577,6 @@ class Device:
                 reason, sum(r.count for r in runs), runs[0].guest, type(exc).__name__, exc,
             )
             raise DeviceIOError(f"fetch from the source failed: {exc}") from exc
-        for run, data in zip(runs, datas):
-            if len(data) != run.count * PAGE_SIZE:
-                raise DeviceIOError(f"source returned {len(data)} bytes for {run.count} pages")
         stored = 0
         with self._lock:
             for run, data in zip(runs, datas):
@@ -606,17 +589,9 @@ class Device:
     def _store_run(self, run: Run, data: bytes) -> int:
         """Store the pages of `run` whose slot still maps to the same guest page and is not local yet
         (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state)."""
-        if run.count == 1:  # one page: the same test as below, without building arrays
-            if self._pending.get(run.slot) and self._guest[run.slot] == run.guest + 1:
-                self._store_pages(run.slot, data)
-                self._pending.clear(run.slot)
-                self.remaining -= 1
-                return 1
-            return 0
         end = run.slot + run.count
-        if self._pending.all_set(run.slot, end) and self._guest[run.slot : end] == array(
-            "I", range(run.guest + 1, run.guest + run.count + 1)
-        ):  # the usual case: nothing changed while the fetch was in flight
+        if self._pending.count(run.slot, end) == run.count and self._consecutive_run_locked(run.slot, run.count) == run:
+            # the usual case: nothing changed while the fetch was in flight
             self._store_pages(run.slot, data)
             self._pending.clear_range(run.slot, end)
             self.remaining -= run.count

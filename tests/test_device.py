@@ -376,9 +376,9 @@ def test_bitmap_ranges():
         bitmap = Bitmap(256)
         bitmap.set_range(start, end)
         assert [i for i in range(256) if bitmap.get(i)] == list(range(start, end))
-        assert bitmap.all_set(start, end)
+        assert bitmap.count(start, end) == end - start
         assert bitmap.count(0, 256) == end - start and bitmap.count(start + 1, end + 3) == max(0, end - start - 1)
-        assert not bitmap.all_set(start, end + 1) and (start == 0 or not bitmap.all_set(start - 1, end))
+        assert bitmap.count(start, end + 1) == end - start and (start == 0 or bitmap.count(start - 1, end) == end - start)
         bitmap.set_range(0, 256)
         bitmap.clear_range(start, end)
         assert [i for i in range(256) if not bitmap.get(i)] == list(range(start, end))
