@@ -24,7 +24,6 @@ shell.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from . import PAGE_SIZE, swapheader
-from .linux import FileView
+from .linux import FileView, punch_hole
 from .markers import HEADER_SIZE, MarkerCodec, looks_like_marker
 from .metrics import DeviceMetrics
 
@@ -161,9 +160,6 @@ class PageStore:
     made before mlockall(MCL_CURRENT) would be read in whole and pinned). Writes and hole punches use
     the file, which the mapping shows at once (one page cache)."""
 
-    _FALLOC_FL_KEEP_SIZE = 0x01
-    _FALLOC_FL_PUNCH_HOLE = 0x02
-
     def __init__(self, directory: str, slots: int):
         try:
             self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -171,8 +167,6 @@ class PageStore:
             raise OSError(exc.errno, f"cannot create the page cache file in {directory}: {exc.strerror}") from exc
         self.size = slots * PAGE_SIZE
         os.ftruncate(self.fd, self.size)
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
         self._file_view: FileView | None = None
         self._map_lock = threading.Lock()
 
@@ -195,10 +189,10 @@ class PageStore:
             raise DeviceIOError(f"short write to the page cache file at slot {slot}")
 
     def punch(self, slot: int, count: int = 1) -> None:
-        mode = self._FALLOC_FL_PUNCH_HOLE | self._FALLOC_FL_KEEP_SIZE
-        if self._libc.fallocate(self.fd, mode, slot * PAGE_SIZE, count * PAGE_SIZE) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot punch a hole in the page cache file: {os.strerror(err)}")
+        try:
+            punch_hole(self.fd, slot * PAGE_SIZE, count * PAGE_SIZE)
+        except OSError as exc:
+            raise OSError(exc.errno, f"page cache file: {exc.strerror}") from exc
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -1,7 +1,7 @@
 """Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
 
-Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, an unlocked read-only
-file mapping (mmap, munlock, mprotect).
+Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, fallocate (hole
+punching), an unlocked read-only file mapping (mmap, munlock, mprotect).
 /proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
 Every failure is an OSError whose message says which call on which process or file failed.
 """
@@ -45,6 +45,9 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 MADV_POPULATE_READ = 22  # Linux >= 5.14
 _MAP_FAILED = ctypes.c_void_p(-1).value
 PROT_NONE = 0  # (the mmap module has PROT_READ and PROT_WRITE only)
@@ -131,6 +134,12 @@ def write_proc_mem(pid: int, data: bytes | bytearray | memoryview, address: int)
 
 
 # --- /proc/PID/maps --------------------------------------------------------------------------------
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of a file: it reads as zeros, the size stays."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _os_error(f"cannot punch a hole of {length} bytes at {offset}")
 
 
 class FileView:
