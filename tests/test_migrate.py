@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ from nbd_postcopy import migrate as migrate_module
 from nbd_postcopy.guest import Failure, Heartbeat, PassOk, prepare_guest
 from nbd_postcopy.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
 from nbd_postcopy.qemu import Vm, VmError, merged_heartbeats
+from tests.swapdev import read_state, run_setup_swap
 
 MIB = 1 << 20
 
@@ -155,4 +157,44 @@ def test_without_the_freeze_gate_the_checker_sees_stale_pages(guest_image, run_d
         assert failures or not kept_verifying, "without the gate the guest still verified its memory:\n" + \
             destination.console.tail()
         assert all(f.line.startswith("FAIL ") for f in failures)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_source_goes_before_completion_and_a_failure_then_keeps_the_device(guest_image, run_dir, swap_lock,
+                                                                              monkeypatch):
+    """Once every page is local the source is released, then completion runs; if completion then
+    fails, the swap device stays attached holding every page, and the detach command the error gives
+    finishes the job."""
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=5")
+    source_gone_at_completion = []
+
+    def completion_that_fails(*args, **kwargs):
+        try:
+            source.process.wait(5)
+            source_gone_at_completion.append(True)
+        except subprocess.TimeoutExpired:
+            source_gone_at_completion.append(False)
+        raise OSError("completion failed on purpose")
+
+    monkeypatch.setattr(migrate_module, "complete_range", completion_that_fails)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        try:
+            with pytest.raises(MigrateError, match="after the source was released") as failed:
+                migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                       quiet=True))
+            assert source_gone_at_completion == [True]
+            # The guest runs on, its memory served by the device alone.
+            destination.console.wait_for(PassOk, count=2, after=destination.console.mark(), timeout=60)
+            retry = shlex.split(str(failed.value).split("retry with '", 1)[1].split("'", 1)[0])
+            result = subprocess.run(retry, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            destination.console.wait_for(PassOk, after=destination.console.mark(), timeout=60)
+            assert destination.console.events(Failure) == []
+        finally:  # whatever happened above, the device goes before the guest
+            state_dir = run_dir / "mig" / "swap"
+            if state_dir.exists():
+                run_setup_swap("detach", read_state(state_dir)["name"], "--no-complete")
     _nothing_left(run_dir)
