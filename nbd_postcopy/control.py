@@ -20,9 +20,10 @@ import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 from collections.abc import Callable
+
+from .linux import remove_stale_socket
 
 log = logging.getLogger("nbd_postcopy.control")
 
@@ -76,7 +77,7 @@ class ControlServer:
 
     def __init__(self, path: str, handlers: dict[str, Handler]):
         self.path = path
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         self._server = _Server(path, handlers)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="control", daemon=True)
@@ -92,23 +93,6 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a previous run; refuse to replace anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"control socket path {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise FileExistsError(f"control socket {path} is in use by another process")
 
 
 def request(path: str, command: str, timeout: float = 5.0) -> dict:

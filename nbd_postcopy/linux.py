@@ -1,7 +1,8 @@
 """Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
 
 Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, fallocate (hole
-punching), an unlocked read-only file mapping (mmap, munlock, mprotect).
+punching), an unlocked read-only file mapping (mmap, munlock, mprotect). Unix socket paths: removing
+a stale one before listening.
 /proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
 Every failure is an OSError whose message says which call on which process or file failed.
 """
@@ -12,6 +13,7 @@ import ctypes
 import errno
 import mmap
 import os
+import socket
 import stat
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -140,6 +142,24 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate [offset, offset + length) of a file: it reads as zeros, the size stays."""
     if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         raise _os_error(f"cannot punch a hole of {length} bytes at {offset}")
+
+
+def remove_stale_socket(path: str) -> None:
+    """Before listening on `path`: unlink a socket left there that nobody listens on. A live socket
+    raises FileExistsError with errno EADDRINUSE, any other file FileExistsError (EEXIST)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+    raise FileExistsError(errno.EADDRINUSE, f"{path} is in use by another process")
 
 
 class FileView:

@@ -15,11 +15,11 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import time
 from dataclasses import dataclass
 
 from .gate import Gate
+from .linux import remove_stale_socket
 from .metrics import ServerMetrics
 from .protocol import (
     NEED_DATA,
@@ -96,7 +96,7 @@ class PageServer:
         factory = lambda: _NbdConnection(self)  # noqa: E731
         try:
             if address.kind == "unix":
-                _remove_stale_socket(address.path)
+                remove_stale_socket(address.path)
                 server = await loop.create_unix_server(factory, address.path)
                 self._unix_paths.append(address.path)
             else:
@@ -127,25 +127,6 @@ class PageServer:
                 pass
         self._servers.clear()
         self._unix_paths.clear()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a leftover socket nobody listens on; refuse a live one or a non-socket file."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "address already in use")
 
 
 class _NbdConnection(asyncio.BufferedProtocol):
