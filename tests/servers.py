@@ -182,6 +182,16 @@ def write_image(path: Path, size: int, holes: Sequence[tuple[int, int]] = (), ch
                 f.write(os.urandom(data_end - data_start))
 
 
+def write_image_with_zeros(path: Path, size: int, zeros: tuple[int, int]) -> bytes:
+    """Write `size` random bytes to `path` with the (offset, length) range `zeros` written as zeros
+    (data, not a hole); returns the image."""
+    data = bytearray(os.urandom(size))
+    offset, length = zeros
+    data[offset : offset + length] = bytes(length)
+    path.write_bytes(data)
+    return bytes(data)
+
+
 def _data_ranges(start: int, end: int, holes: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     """The parts of [start, end) outside every hole, in order."""
     for hole_start, hole_length in sorted(holes):

@@ -21,6 +21,7 @@ from nbd_postcopy.wire import Command, Errno
 from nbd_postcopy.sources import MAX_SCAN_DATA
 
 from .conftest import wait_for_path
+from .servers import write_image_with_zeros
 
 SIZE = 8 << 20
 PAGE = 4096
@@ -29,11 +30,8 @@ PAGE = 4096
 @pytest.fixture
 def image(run_dir: Path) -> tuple[Path, bytes]:
     """8 MiB of random data with a zero run at pages 64..127. Name: run_dir/ram.img  Scope: function"""
-    data = bytearray(os.urandom(SIZE))
-    data[64 * PAGE : 128 * PAGE] = bytes(64 * PAGE)
     path = run_dir / "ram.img"
-    path.write_bytes(data)
-    return path, bytes(data)
+    return path, write_image_with_zeros(path, SIZE, (64 * PAGE, 64 * PAGE))
 
 
 def start_server(processes, run_dir: Path, kind: str, image: Path, *extra) -> tuple[subprocess.Popen, Path]:

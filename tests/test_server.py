@@ -40,6 +40,7 @@ from nbd_postcopy.sources import MAX_SCAN_DATA, FileSource, ProcessSource, Sourc
 from nbd_postcopy.wire import REQUEST, REQUEST_MAGIC, Command, CommandFlag
 
 from .conftest import wait_for_path
+from .servers import write_image_with_zeros
 
 SIZE = 4 << 20
 PAGE = 4096
@@ -49,11 +50,8 @@ SERVE = [sys.executable, "-m", "nbd_postcopy.cli", "serve"]
 @pytest.fixture
 def image(run_dir: Path) -> tuple[Path, bytes]:
     """A 4 MiB image, random except pages 16..31 (zero). Name: run_dir/ram.img  Scope: function"""
-    data = bytearray(os.urandom(SIZE))
-    data[16 * PAGE : 32 * PAGE] = bytes(16 * PAGE)
     path = run_dir / "ram.img"
-    path.write_bytes(data)
-    return path, bytes(data)
+    return path, write_image_with_zeros(path, SIZE, (16 * PAGE, 16 * PAGE))
 
 
 # --- in-process: the asyncio server with the client core ----------------------------------------
