@@ -133,9 +133,6 @@ class Qmp:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", creds)[0]
 
-    def hmp(self, command_line: str) -> str:
-        return self.execute("human-monitor-command", command_line=command_line)
-
     # events
 
     def on_event(self, callback: Callable[[QmpEvent], None]) -> None:

@@ -108,11 +108,6 @@ class PageServer:
         log.info("serving %s (%d bytes) as export %r on %s", self.source.description, self.source.size,
                  self.export.name, address)
 
-    def bound_ports(self) -> list[int]:
-        """TCP ports actually bound (useful with port 0)."""
-        return [s.getsockname()[1] for srv in self._servers for s in srv.sockets
-                if s.family in (socket.AF_INET, socket.AF_INET6)]
-
     async def close(self) -> None:
         for server in self._servers:
             server.close()
