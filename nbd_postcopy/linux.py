@@ -35,7 +35,6 @@ PM_SWAP = 1 << 62
 PM_PFN_MASK = (1 << 55) - 1
 KPF_MMAP = 11
 KPF_SWAPCACHE = 14
-KPF_NOPAGE = 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
