@@ -186,6 +186,21 @@ def test_outage_longer_than_the_timeout_is_source_unavailable(processes, run_dir
         client.close()
 
 
+def test_a_late_reply_never_lands_in_the_buffer_of_a_caller_that_gave_up(processes, run_dir, image):
+    path, data = image
+    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path, "--gate", "closed")
+    client = SourceClient(f"nbd+unix:///ram?socket={sock}")
+    try:
+        buffer = bytearray(b"\xaa" * PAGE)
+        with pytest.raises(SourceUnavailable):
+            client.read_many_into([(0, PAGE)], [memoryview(buffer)], timeout=0.3)
+        proc.send_signal(signal.SIGUSR1)  # open the gate: the reply to the abandoned read comes now
+        assert client.read(PAGE, PAGE, timeout=10) == data[PAGE : 2 * PAGE]  # (it came before this one)
+        assert buffer == b"\xaa" * PAGE
+    finally:
+        client.close()
+
+
 def test_no_server_at_start_is_source_unavailable(run_dir):
     started = time.monotonic()
     with pytest.raises(SourceUnavailable, match="cannot connect to .* within 0.3s"):
