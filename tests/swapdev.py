@@ -102,6 +102,15 @@ def process_matches(pid: int | None, needle: str) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z" and needle in cmdline
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (other than this one) whose command line mentions `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()) and process_matches(int(entry.name), text):
+            found.append(int(entry.name))
+    return found
+
+
 def run_setup_swap(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
                    check: bool = False) -> subprocess.CompletedProcess:
     """Run scripts/setup-swap.sh with `args`; returns the completed process (text output)."""

@@ -14,7 +14,7 @@ from nbd_postcopy import migrate as migrate_module
 from nbd_postcopy.guest import Failure, Heartbeat, PassOk, prepare_guest
 from nbd_postcopy.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
 from nbd_postcopy.qemu import Vm, VmError, merged_heartbeats
-from tests.swapdev import read_state, run_setup_swap
+from tests.swapdev import processes_mentioning, read_state, run_setup_swap
 
 MIB = 1 << 20
 
@@ -193,8 +193,10 @@ def test_the_source_goes_before_completion_and_a_failure_then_keeps_the_device(g
             assert result.returncode == 0, result.stdout + result.stderr
             destination.console.wait_for(PassOk, after=destination.console.mark(), timeout=60)
             assert destination.console.events(Failure) == []
-        finally:  # whatever happened above, the device goes before the guest
+        finally:  # whatever happened above: no device and no page server outlive the test
             state_dir = run_dir / "mig" / "swap"
             if state_dir.exists():
                 run_setup_swap("detach", read_state(state_dir)["name"], "--no-complete")
+            for pid in processes_mentioning(str(run_dir / "mig" / "source.sock")):
+                os.kill(pid, signal.SIGTERM)
     _nothing_left(run_dir)

@@ -26,6 +26,7 @@ from tests.swapdev import (
     is_mounted,
     loop_backing_file,
     process_matches,
+    processes_mentioning,
     read_state,
     run_setup_swap,
 )
@@ -68,14 +69,6 @@ def vm_locked_kib(pid: int) -> int:
         if line.startswith("VmLck:"):
             return int(line.split()[1])
     raise AssertionError("no VmLck line")
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()) and process_matches(int(entry.name), text):
-            found.append(int(entry.name))
-    return found
 
 
 def loops_backed_under(directory: Path) -> list[str]:
