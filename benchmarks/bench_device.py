@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import RESULTS_DIR, Cell, Table, machine_context, write_results  # noqa: E402
-from nbd_postcopy import PAGE_SIZE as P  # noqa: E402
-from nbd_postcopy.control import request  # noqa: E402
-from nbd_postcopy.markers import MarkerCodec  # noqa: E402
+from nbd_postcopy.common.units import PAGE_SIZE as P  # noqa: E402
+from nbd_postcopy.device.control import request  # noqa: E402
+from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
 
 PLUGIN = REPO / "plugin" / "postcopy.py"
 CHUNK = 8 << 20  # bytes per staging write

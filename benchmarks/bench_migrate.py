@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E402
 
-from nbd_postcopy.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
-from nbd_postcopy.migrate import MigrateOptions, migrate  # noqa: E402
-from nbd_postcopy.qemu import Vm, largest_gap, merged_heartbeats, postcopy_migrate  # noqa: E402
+from nbd_postcopy.testbench.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
+from nbd_postcopy.migration.migrate import MigrateOptions, migrate  # noqa: E402
+from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 
@@ -92,7 +92,7 @@ def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: 
 
 
 def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float) -> Row:
-    """nbd-postcopy (nbd_postcopy.migrate): device state through QEMU with x-ignore-shared, RAM through swap.
+    """nbd-postcopy (nbd_postcopy.migration.migrate): device state through QEMU with x-ignore-shared, RAM through swap.
 
     Holds the test suite's swap lock while it runs, so that it never shares swap with a running test.
     """

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E402
 
-from nbd_postcopy import PAGE_SIZE  # noqa: E402
-from nbd_postcopy.completion import complete_range  # noqa: E402
-from nbd_postcopy.control import request  # noqa: E402
-from nbd_postcopy.markers import MarkerCodec  # noqa: E402
-from nbd_postcopy.staging import stage_range  # noqa: E402
+from nbd_postcopy.common.units import PAGE_SIZE  # noqa: E402
+from nbd_postcopy.host.completion import complete_range  # noqa: E402
+from nbd_postcopy.device.control import request  # noqa: E402
+from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
+from nbd_postcopy.host.staging import stage_range  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.conftest import Processes  # noqa: E402
 from tests.swapdev import attached_postcopy_swap, plain_swap_device  # noqa: E402

@@ -15,18 +15,15 @@ import logging
 import sys
 
 from . import __version__
+from .common.command import CommandError
 
 COMMANDS = {
-    "serve": "nbd_postcopy.server_cli",
-    "stage": "nbd_postcopy.staging_cli",
-    "complete": "nbd_postcopy.completion_cli",
-    "migrate": "nbd_postcopy.migrate_cli",
-    "demo": "nbd_postcopy.demo",
+    "serve": "nbd_postcopy.source.cli",
+    "stage": "nbd_postcopy.host.stage_cli",
+    "complete": "nbd_postcopy.host.complete_cli",
+    "migrate": "nbd_postcopy.migration.cli",
+    "demo": "nbd_postcopy.testbench.demo",
 }
-
-
-class CommandError(Exception):
-    """A failure the user can act on: printed as one clear line, exit status 1, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,13 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402
 
-from nbd_postcopy import PAGE_SIZE, plugin_config  # noqa: E402
-from nbd_postcopy.client import SourceClient  # noqa: E402
-from nbd_postcopy.control import ControlServer  # noqa: E402
-from nbd_postcopy.device import Device, DeviceIOError  # noqa: E402
-from nbd_postcopy.markers import MarkerCodec  # noqa: E402
-from nbd_postcopy.metrics import serve_metrics  # noqa: E402
-from nbd_postcopy.prefetch import Prefetcher  # noqa: E402
+from nbd_postcopy.common.units import PAGE_SIZE  # noqa: E402
+from nbd_postcopy.device import config as plugin_config  # noqa: E402
+from nbd_postcopy.nbd.client import SourceClient  # noqa: E402
+from nbd_postcopy.device.control import ControlServer  # noqa: E402
+from nbd_postcopy.device.device import Device, DeviceIOError  # noqa: E402
+from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
+from nbd_postcopy.common.metrics import serve_metrics  # noqa: E402
+from nbd_postcopy.device.prefetch import Prefetcher  # noqa: E402
 
 API_VERSION = 2
 MAX_REQUEST = 32 * 1024 * 1024

@@ -45,7 +45,7 @@ How it fits together (destination host, as root):
   4. $prog detach vm1 --pid QEMU_PID --address ADDR --length BYTES (pre-page the rest, tear down)
 
 nbdkit runs with -f --swap (memory locked) under a small supervisor process
-(python -m nbd_postcopy.supervisor), so the device outlives this script. Every attachment keeps
+(python -m nbd_postcopy.host.supervisor), so the device outlives this script. Every attachment keeps
 its state in a directory (default $RUN_DIR/NAME): 'state' (shell-sourceable), 'log', 'pids',
 nbdkit.sock, control.sock and the FUSE mount fuse/disk.
 
@@ -263,7 +263,7 @@ teardown() {
         done
         ! is_mounted "$fuse_dir" || teardown_fail "fusermount3 -u $fuse_dir failed: ${out:-no message}"
     fi
-    local supervisor="nbd_postcopy.supervisor --state-dir $state_dir "
+    local supervisor="nbd_postcopy.host.supervisor --state-dir $state_dir "
     if pid_is "$supervisor_pid" "$supervisor"; then
         kill -TERM "$supervisor_pid" 2>/dev/null || true
         wait_gone "$supervisor_pid" "$supervisor" "$STOP_TIMEOUT" \
@@ -413,7 +413,7 @@ cmd_attach() {
     save_state
 
     # 1. nbdkit (and nbdfuse) under the supervisor, which detaches and reports the PIDs once ready.
-    if ! out=$("$PYTHON" -m nbd_postcopy.supervisor --state-dir "$dir" --transport "$transport" \
+    if ! out=$("$PYTHON" -m nbd_postcopy.host.supervisor --state-dir "$dir" --transport "$transport" \
         --threads "$opt_threads" -- "${plugin_args[@]}" 2>&1); then
         die "starting nbdkit failed: $(printf '%s' "$out" | sed 's/^supervisor: //')$(log_tail "$dir/log")"
     fi
@@ -537,7 +537,7 @@ control_status() { # the plugin's control status as one JSON line, or nothing
     [ -n "$control" ] && [ -S "$control" ] || return 0
     timeout 5 "$PYTHON" -c '
 import json, sys
-from nbd_postcopy.control import request
+from nbd_postcopy.device.control import request
 print(json.dumps(request(sys.argv[1], "status")))
 ' "$control" 2>/dev/null || true
 }
@@ -558,7 +558,7 @@ status_one() { # status_one NAME JSON(0|1)
     if line=$(swap_line "$device"); then
         read -r _ _ swap_size swap_used swap_prio <<<"$line"
     fi
-    sup=$(proc_state "$supervisor_pid" "nbd_postcopy.supervisor --state-dir $dir ")
+    sup=$(proc_state "$supervisor_pid" "nbd_postcopy.host.supervisor --state-dir $dir ")
     kit=$(proc_state "$nbdkit_pid" "$socket")
     fuse=$(proc_state "$nbdfuse_pid" "$fuse_disk")
     lck=""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_postcopy.markers import MarkerCodec
+from nbd_postcopy.device.markers import MarkerCodec
 from tests.swapdev import plain_swap_device
 
 REPO = Path(__file__).resolve().parent.parent

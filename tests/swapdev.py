@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbd_postcopy.markers import MarkerCodec
+from nbd_postcopy.device.markers import MarkerCodec
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"

@@ -1,0 +1,1 @@
+"""Shared ground: Linux syscall wrappers, units, QMP, metrics helpers, progress bars."""

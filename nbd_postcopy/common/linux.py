@@ -1,0 +1,468 @@
+"""Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
+
+Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, fallocate (hole
+punching), an unlocked read-only file mapping (mmap, munlock, mprotect). Unix socket paths: removing
+a stale one before listening.
+/proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
+Every failure is an OSError whose message says which call on which process or file failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import stat
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .units import PAGE_SIZE
+
+MADV_WILLNEED = 3
+MADV_PAGEOUT = 21
+
+SYS_PIDFD_OPEN = 434
+SYS_PROCESS_MADVISE = 440
+IOV_MAX = 1024
+# The kernel caps one vectored transfer at MAX_RW_COUNT (INT_MAX rounded down to a page).
+MAX_RW_COUNT = 0x7FFFF000
+
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_PFN_MASK = (1 << 55) - 1
+KPF_MMAP = 11
+KPF_SWAPCACHE = 14
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MAP_FAILED = ctypes.c_void_p(-1).value
+PROT_NONE = 0  # (the mmap module has PROT_READ and PROT_WRITE only)
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for `pid`; OSError(ESRCH) with a clear message when the process does not exist."""
+    fd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise OSError(err, f"process {pid} does not exist")
+        raise _os_error(f"pidfd_open({pid})")
+    return fd
+
+
+def process_madvise(pidfd: int, address: int, length: int, advice: int) -> None:
+    """Apply `advice` to [address, address+length) of the process behind `pidfd`, the whole range."""
+    done = 0
+    while done < length:
+        part = min(length - done, MAX_RW_COUNT)
+        iov = IoVec(address + done, part)
+        n = _libc.syscall(
+            SYS_PROCESS_MADVISE, ctypes.c_int(pidfd), ctypes.byref(iov), ctypes.c_size_t(1),
+            ctypes.c_int(advice), ctypes.c_uint(0),
+        )
+        if n < 0:
+            raise _os_error(f"process_madvise(advice={advice}) on {address + done:#x}+{part:#x}")
+        if n == 0:
+            raise OSError(errno.EIO, f"process_madvise(advice={advice}) made no progress at {address + done:#x}")
+        done += n
+
+
+def _buffer_address(buf: bytes | bytearray | memoryview) -> int:
+    """Address of the memory behind bytes or a writable buffer (which must not be resized meanwhile)."""
+    if isinstance(buf, bytes):
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _vm_transfer(func, what: str, pid: int, local: bytes | bytearray | memoryview, address: int) -> None:
+    length = len(local)
+    base = _buffer_address(local)
+    done = 0
+    while done < length:
+        part = min(length - done, MAX_RW_COUNT)
+        liov = IoVec(base + done, part)
+        riov = IoVec(address + done, part)
+        n = func(ctypes.c_int(pid), ctypes.byref(liov), ctypes.c_ulong(1), ctypes.byref(riov), ctypes.c_ulong(1),
+                 ctypes.c_ulong(0))
+        if n < 0:
+            raise _os_error(f"{what} of {part} bytes at {address + done:#x} in process {pid}")
+        if n == 0:
+            raise OSError(errno.EFAULT, f"{what} at {address + done:#x} in process {pid} transferred nothing")
+        done += n
+
+
+def process_vm_writev(pid: int, data: bytes | bytearray | memoryview, address: int) -> None:
+    """Write `data` into process `pid` at `address` (all of it, or OSError)."""
+    _vm_transfer(_libc.process_vm_writev, "process_vm_writev", pid, data, address)
+
+
+def process_vm_readv(pid: int, buffer: bytearray | memoryview, address: int) -> None:
+    """Fill `buffer` from process `pid` at `address`; faults swapped pages in like a touch would."""
+    _vm_transfer(_libc.process_vm_readv, "process_vm_readv", pid, buffer, address)
+
+
+def write_proc_mem(pid: int, data: bytes | bytearray | memoryview, address: int) -> None:
+    """Write through /proc/PID/mem: the fallback when process_vm_writev is not allowed."""
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(mem.fileno(), view[done:], address + done)
+
+
+# --- /proc/PID/maps --------------------------------------------------------------------------------
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of a file: it reads as zeros, the size stays."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _os_error(f"cannot punch a hole of {length} bytes at {offset}")
+
+
+def remove_stale_socket(path: str) -> None:
+    """Before listening on `path`: unlink a socket left there that nobody listens on. A live socket
+    raises FileExistsError with errno EADDRINUSE, any other file FileExistsError (EEXIST)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+    raise FileExistsError(errno.EADDRINUSE, f"{path} is in use by another process")
+
+
+class FileView:
+    """A read-only shared mapping of a whole file that is never locked in memory, even in a process
+    that called mlockall(MCL_FUTURE) (nbdkit --swap): the kernel neither reads the file in when it is
+    mapped nor pins the pages read through it. Copying out of it is a plain memcpy, several times
+    cheaper here than pread()'s copy from the page cache. Call populate() on a range before copying
+    out of it: a page fault that has to read the disk must not happen while the copy holds the GIL."""
+
+    def __init__(self, fd: int, length: int):
+        self.length = length
+        # Mapped inaccessible first (MCL_FUTURE would populate and lock an accessible mapping at once),
+        # unlocked, and only then made readable.
+        address = _libc.mmap(None, length, PROT_NONE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            raise _os_error(f"mmap of {length} bytes")
+        try:
+            if _libc.munlock(address, length) != 0:
+                raise _os_error("munlock")
+            if _libc.mprotect(address, length, mmap.PROT_READ) != 0:
+                raise _os_error("mprotect")
+        except OSError:
+            _libc.munmap(address, length)
+            raise
+        self.address = address
+        self.view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+
+    def populate(self, offset: int, length: int) -> bool:
+        """Fault [offset, offset + length) in (ctypes releases the GIL meanwhile). False if that failed,
+        an I/O error for instance: then read that range with pread(), as touching it could raise SIGBUS."""
+        return _libc.madvise(self.address + offset, length, MADV_POPULATE_READ) == 0
+
+    def close(self) -> None:
+        """Unmap; every slice of `view` must be gone (a later access would crash the process)."""
+        if self.address:
+            self.view.release()
+            _libc.munmap(self.address, self.length)
+            self.address = 0
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    inode: int
+    path: str
+
+    @property
+    def anonymous_private_writable(self) -> bool:
+        # Anonymous: no backing inode; heap and [stack] count, special mappings like [vvar] do not.
+        return (self.perms[0:2] == "rw" and self.perms[3] == "p" and self.inode == 0
+                and (self.path in ("", "[heap]", "[stack]") or self.path.startswith("[anon:")))
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise OSError(errno.ESRCH, f"process {pid} does not exist") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
+    maps = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        path = fields[5].strip() if len(fields) > 5 else ""
+        maps.append(Mapping(start, end, fields[1], int(fields[4]), path))
+    return maps
+
+
+def uncovered_ranges(pid: int, address: int, length: int) -> list[tuple[int, int]]:
+    """Parts of [address, address+length) that are NOT inside an anonymous private writable mapping."""
+    holes = []
+    pos, end = address, address + length
+    for m in read_maps(pid):
+        if m.end <= pos or not m.anonymous_private_writable:
+            continue
+        if m.start >= end:
+            break
+        if m.start > pos:
+            holes.append((pos, m.start))
+        pos = max(pos, m.end)
+        if pos >= end:
+            break
+    if pos < end:
+        holes.append((pos, end))
+    return holes
+
+
+# --- pagemap and physical page flags ----------------------------------------------------------------
+
+
+def is_present(entry: int) -> bool:
+    return bool(entry & PM_PRESENT)
+
+
+def is_swapped(entry: int) -> bool:
+    return bool(entry & PM_SWAP)
+
+
+def swap_type(entry: int) -> int:
+    return entry & 0x1F
+
+
+def swap_offset(entry: int) -> int:
+    return (entry >> 5) & ((1 << 50) - 1)
+
+
+def pfn(entry: int) -> int:
+    return entry & PM_PFN_MASK
+
+
+# Byte-wise views of pagemap entries (little endian): the top byte holds bits 63 (present) and 62 (swap),
+# the low byte the swap type. bytes.translate masks them in C, which keeps huge ranges fast.
+_PRESENT_SWAP_BITS = bytes(b & 0xC0 for b in range(256))
+_SWAP_TYPE_BITS = bytes(b & 0x1F for b in range(256))
+
+
+def all_swapped_out(entries: array) -> bool:
+    """Whether every entry is a swap entry (bit 62) and none is present (bit 63)."""
+    top = entries.tobytes()[7::8].translate(_PRESENT_SWAP_BITS)
+    return top.count(0x40) == len(entries)
+
+
+def common_swap_type(entries: array) -> int | None:
+    """The swap type all entries share, or None if they differ (meaningful for swap entries only)."""
+    if not entries:
+        return None
+    low = entries.tobytes()[0::8].translate(_SWAP_TYPE_BITS)
+    return low[0] if low.count(low[0]) == len(low) else None
+
+
+class Pagemap:
+    """Reads /proc/PID/pagemap entries (root sees PFNs and swap entries)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OSError(errno.ESRCH, f"process {pid} does not exist") from None
+
+    def entries(self, address: int, npages: int) -> array:
+        """One 64-bit entry per page from `address` on."""
+        want = npages * 8
+        data = os.pread(self._fd, want, (address // PAGE_SIZE) * 8)
+        if len(data) != want:
+            raise OSError(errno.EIO, f"short read of /proc/{self.pid}/pagemap at {address:#x}")
+        out = array("Q")
+        out.frombytes(data)
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "Pagemap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+KPAGE_READ_GAP = 8  # ascending PFNs this close together are read in one pread (measured: fewer syscalls)
+
+
+def _read_kpage_table(path: str, pfns: Sequence[int]) -> array:
+    """One 64-bit entry of a /proc/kpage* table per PFN, in the order given.
+
+    A process's frames come mostly in ascending runs, so each run is one pread.
+    """
+    out = array("Q", bytes(8 * len(pfns)))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        i, n = 0, len(pfns)
+        while i < n:
+            j = i
+            while j + 1 < n and 0 < pfns[j + 1] - pfns[j] <= KPAGE_READ_GAP:
+                j += 1
+            first = pfns[i]
+            values = array("Q")
+            values.frombytes(os.pread(fd, (pfns[j] - first + 1) * 8, first * 8))
+            for k in range(i, j + 1):
+                out[k] = values[pfns[k] - first]
+            i = j + 1
+    finally:
+        os.close(fd)
+    return out
+
+
+def page_flags(pfns: Sequence[int]) -> array:
+    """/proc/kpageflags for each PFN, in the order given."""
+    return _read_kpage_table("/proc/kpageflags", pfns)
+
+
+def page_cgroups(pfns: Sequence[int]) -> array:
+    """/proc/kpagecgroup for each PFN, in the order given: the inode number of the memcg it is charged to."""
+    return _read_kpage_table("/proc/kpagecgroup", pfns)
+
+
+def _runs(sorted_values: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs in a sorted list, as (start, length)."""
+    i = 0
+    while i < len(sorted_values):
+        j = i
+        while j + 1 < len(sorted_values) and sorted_values[j + 1] == sorted_values[j] + 1:
+            j += 1
+        yield sorted_values[i], j - i + 1
+        i = j + 1
+
+
+def page_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Page indices grouped into consecutive runs (start, count)."""
+    return list(_runs(sorted(indices)))
+
+
+# --- swap areas and counters ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwapArea:
+    """One row of /proc/swaps (sizes in KiB, as the kernel prints them)."""
+
+    filename: str
+    kind: str
+    size_kib: int
+    used_kib: int
+    priority: int
+
+    @property
+    def free_pages(self) -> int:
+        return (self.size_kib - self.used_kib) * 1024 // PAGE_SIZE
+
+    @property
+    def size_pages(self) -> int:
+        return self.size_kib * 1024 // PAGE_SIZE
+
+
+def read_swaps() -> list[SwapArea]:
+    with open("/proc/swaps") as f:
+        return parse_swaps(f.read())
+
+
+def parse_swaps(text: str) -> list[SwapArea]:
+    """The rows of /proc/swaps text (the first line is the header)."""
+    areas = []
+    for row in text.splitlines()[1:]:
+        # The filename may contain spaces; the four other columns never do.
+        name, kind, size, used, prio = row.rsplit(None, 4)
+        areas.append(SwapArea(name.replace("\\040", " ").rstrip(), kind, int(size), int(used), int(prio)))
+    return areas
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same block device (by device number) or the same file."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def find_swap(device: str) -> SwapArea | None:
+    """The active swap area backed by `device` (any path naming the same block device or file)."""
+    for area in read_swaps():
+        if same_file(area.filename, device):
+            return area
+    return None
+
+
+def vmstat(*names: str) -> dict[str, int]:
+    """Counters from /proc/vmstat (all of them when no names are given)."""
+    values = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, value = line.split()
+            if not names or key in names:
+                values[key] = int(value)
+    missing = set(names) - values.keys()
+    if missing:
+        raise OSError(errno.ENOENT, f"/proc/vmstat has no counter {', '.join(sorted(missing))}")
+    return values
+
+
+def zswap_enabled() -> bool:
+    try:
+        with open("/sys/module/zswap/parameters/enabled") as f:
+            return f.read().strip() in ("Y", "1")
+    except FileNotFoundError:
+        return False
+
+
+def read_direct(path: str, offset: int, length: int = PAGE_SIZE) -> bytes:
+    """Read from a block device or file with O_DIRECT, so no page cache can answer instead of the device."""
+    buf = mmap.mmap(-1, length)  # page aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        if n != length:
+            raise OSError(errno.EIO, f"short O_DIRECT read of {path} at {offset}: {n} of {length} bytes")
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()

@@ -1,0 +1,29 @@
+"""Prometheus helpers shared by the source server and the destination device.
+
+Every metric carries the `nbd_postcopy_` prefix and base units. Each component takes a
+`CollectorRegistry` so that tests can read values back with `registry.get_sample_value(...)`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+# Latency buckets from 10 microseconds to 1 second.
+LATENCY_BUCKETS = (
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+)
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """'HOST:PORT' (or ':PORT', meaning 127.0.0.1) -> (host, port)."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address must be HOST:PORT, got {spec!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve_metrics(spec: str, registry: CollectorRegistry):
+    """Start the HTTP exposition endpoint for `registry` on a daemon thread."""
+    host, port = parse_listen(spec)
+    start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,149 @@
+"""The keys of plugin/postcopy.py: parsed and checked one by one as nbdkit passes them in, so that a
+bad value is reported at startup with the key's name, never at the first request."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuid_module
+from dataclasses import dataclass, field
+
+from ..common.units import PAGE_SIZE
+from . import swapheader
+from .device import DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT
+from .markers import KeyFileError, load_key
+from ..common.metrics import parse_listen
+from ..nbd.uri import parse_nbd_uri
+
+KEYS = {
+    "source": "NBD URI of the migration source (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...)",
+    "pages": "guest RAM size in 4 KiB pages (or give size=)",
+    "size": "guest RAM size in bytes, a multiple of 4096; suffixes K, M, G, T (or give pages=)",
+    "key": "file of at least 16 random bytes shared with the stager (head -c 32 /dev/urandom > KEYFILE)",
+    "headroom": "spare slots beyond the guest (default max(pages/32, 4096))",
+    "metrics": "HOST:PORT to serve Prometheus metrics on",
+    "control": "Unix socket path for the control protocol (status, arm)",
+    "cache-dir": f"directory on a disk filesystem for the unlinked page file (default {DEFAULT_CACHE_DIR}; not tmpfs, "
+    "whose pages could be swapped out to this very device)",
+    "timeout": f"seconds a read waits for an unavailable source before failing with EIO (default {DEFAULT_TIMEOUT:g})",
+    "prefetch": "on|off: pull every remaining page in the background after arming (default on)",
+    "armed": "yes|no: fetch from the source from the start instead of waiting for 'arm' (default no)",
+    "label": "swap label, at most 16 bytes",
+    "uuid": "swap UUID (default random)",
+}
+REQUIRED = ("source", "key")
+
+HELP = "\n".join(f"{key + '=':<10} {text}" for key, text in KEYS.items())
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A plugin key is missing, unknown or has a bad value."""
+
+
+@dataclass
+class PluginConfig:
+    source: str = ""
+    pages: int = 0
+    key: bytes = b""
+    headroom: int | None = None
+    metrics: str | None = None
+    control: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    timeout: float = DEFAULT_TIMEOUT
+    prefetch: bool = True
+    armed: bool = False
+    label: str = ""
+    uuid: uuid_module.UUID | None = None
+    seen: set[str] = field(default_factory=set)
+
+    def set(self, key: str, value: str) -> None:
+        """Parse one `key=value` from the nbdkit command line."""
+        if key not in KEYS:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(KEYS)}")
+        if key in self.seen:
+            raise ConfigError(f"{key}= given twice")
+        if key in ("pages", "size") and self.seen & {"pages", "size"}:
+            raise ConfigError("give either pages= or size=, not both")
+        try:
+            self._set(key, value)
+        except (ValueError, KeyFileError) as exc:
+            raise ConfigError(f"{key}={value}: {exc}") from exc
+        self.seen.add(key)
+
+    def _set(self, key: str, value: str) -> None:
+        if key == "source":
+            parse_nbd_uri(value)
+            self.source = value
+        elif key == "pages":
+            self.pages = _positive_int(value)
+        elif key == "size":
+            size = parse_size(value)
+            if size % PAGE_SIZE or size == 0:
+                raise ValueError(f"must be a positive multiple of {PAGE_SIZE}")
+            self.pages = size // PAGE_SIZE
+        elif key == "key":
+            self.key = load_key(value)
+        elif key == "headroom":
+            self.headroom = _non_negative_int(value)
+        elif key == "metrics":
+            parse_listen(value)
+            self.metrics = value
+        elif key == "control":
+            directory = os.path.dirname(os.path.abspath(value))
+            if not os.path.isdir(directory):
+                raise ValueError(f"directory {directory} does not exist")
+            self.control = value
+        elif key == "cache-dir":
+            if not os.path.isdir(value) or not os.access(value, os.W_OK):
+                raise ValueError("not a writable directory")
+            self.cache_dir = value
+        elif key == "timeout":
+            self.timeout = float(value)
+            if not self.timeout > 0:
+                raise ValueError("must be a positive number of seconds")
+        elif key == "prefetch":
+            self.prefetch = _choice(value, on=True, off=False)
+        elif key == "armed":
+            self.armed = _choice(value, yes=True, no=False)
+        elif key == "label":
+            if len(value.encode()) > swapheader.LABEL_BYTES:
+                raise ValueError(f"longer than {swapheader.LABEL_BYTES} bytes")
+            self.label = value
+        elif key == "uuid":
+            self.uuid = uuid_module.UUID(value)
+
+    def check_complete(self) -> None:
+        missing = [key for key in REQUIRED if key not in self.seen]
+        if "pages" not in self.seen and "size" not in self.seen:
+            missing.append("pages (or size)")
+        if missing:
+            raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+
+
+def parse_size(text: str) -> int:
+    """'4096', '256M', '1GiB', '4k' -> bytes (binary multiples)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError("not a size (e.g. 268435456, 256M, 1G)")
+    return int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("not a non-negative integer")
+    return int(text)
+
+
+def _choice(text: str, **choices: bool) -> bool:
+    if text not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}")
+    return choices[text]

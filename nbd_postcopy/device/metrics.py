@@ -1,0 +1,51 @@
+"""Prometheus metrics of the destination device (the nbdkit plugin)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..common.metrics import LATENCY_BUCKETS
+
+
+class DeviceMetrics:
+    """Metrics of the destination device (plugin/postcopy.py). Gauges read the device's state when
+    scraped (see Device.watch_metrics); counters and the histogram are updated on the I/O paths."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.fault_seconds = Histogram(
+            "nbd_postcopy_fault_seconds", "Time to serve a read that needed a demand fetch from the source",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.pages_fetched = Counter(
+            "nbd_postcopy_pages_fetched", "Pages fetched from the source", ["reason"], registry=r
+        )
+        self.fetched_bytes = Counter("nbd_postcopy_fetched_bytes", "Bytes fetched from the source", registry=r)
+        self.anomalies = Counter(
+            "nbd_postcopy_anomalies", "Unexpected requests (e.g. reads of never-written slots)", ["kind"], registry=r
+        )
+        self.source_errors = Counter(
+            "nbd_postcopy_source_errors", "Fetches that failed (source unavailable past the timeout, or an NBD error)",
+            registry=r,
+        )
+        self.pages_mapped = Gauge("nbd_postcopy_pages_mapped", "Slots that hold a guest page", registry=r)
+        self.pages_remaining = Gauge(
+            "nbd_postcopy_pages_remaining", "Mapped pages not yet local (still needed from the source)", registry=r
+        )
+        self.overlay_pages = Gauge("nbd_postcopy_overlay_pages", "Slots holding written data (overlay)", registry=r)
+        self.overlay_bytes = Gauge("nbd_postcopy_overlay_bytes", "Bytes of overlay data", registry=r)
+        self.source_connected = Gauge(
+            "nbd_postcopy_source_connected", "1 while the demand connection to the source is up", registry=r
+        )
+        self.prefetch_progress = Gauge(
+            "nbd_postcopy_prefetch_progress_ratio", "Fraction of mapped pages that are local", registry=r
+        )
+        self.complete = Gauge(
+            "nbd_postcopy_complete", "1 once every mapped page is local (the source can be released)", registry=r
+        )
+        self.armed = Gauge("nbd_postcopy_armed", "1 once reads of mapped slots fetch from the source", registry=r)
+        for reason in ("demand", "prefetch"):
+            self.pages_fetched.labels(reason=reason)
+        for kind in ("unmapped_read", "invalid_marker"):
+            self.anomalies.labels(kind=kind)

@@ -1,0 +1,199 @@
+"""The background prefetcher: pulls every mapped page that is not local yet, without slowing demand.
+
+Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
+  1. the neighbourhood of recent demand faults first, newest fault first (pre-paging: a guest that
+     faults on a page soon wants its neighbours; staging pages a range out in address order, so
+     neighbouring slots hold neighbouring guest pages);
+  2. then a sweep over all slots, resuming where it stopped.
+Pacing, demand first: a batch (and each block status request that learns zero pages) waits for a gap in
+demand: no demand fetch in flight and none finished in the last DEMAND_QUIET seconds, since a guest
+faulting in its working set faults again within a millisecond or so, and on a busy 2-core host every
+batch takes CPU from the next fault. Under constant demand it waits at most DEMAND_YIELD, then sends a
+single run. RateController sets the window (runs fetched per round trip): it starts at one right after
+arming (the guest's cold working set faults in then), grows by one after each batch while demand faults
+stay fast, and halves, with a growing pause between batches, while the recent demand fault latency is
+well above the best seen lately. Demand fetches use their own source connection, so they never queue
+behind this traffic on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from .device import Device, DeviceIOError, PageSource, Run
+
+log = logging.getLogger("nbd_postcopy.device.prefetch")
+
+MAX_WINDOW = 8  # runs per round trip
+RUN_PAGES = 64  # pages per run (256 KiB)
+DEMAND_RATIO = 2.0  # back off while recent demand faults are slower than this times the baseline...
+DEMAND_FLOOR = 250e-6  # ...and slower than this (seconds)
+BASELINE_DRIFT = 1.01  # the baseline grows by this factor per fault unless a faster one resets it
+DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
+MAX_PAUSE = 0.05
+RETRY_PAUSE = 1.0  # after a failed prefetch fetch
+DEMAND_QUIET = 0.002  # seconds without a demand fault before a batch goes out...
+DEMAND_YIELD = 0.005  # ...waiting at most this long (then one run goes out anyway)
+IDLE_POLL = 0.2  # seconds between looks for work once everything is local
+
+
+class RateController:
+    """AIMD pacing of the prefetch window from demand fault latency. Time is passed in (testable).
+
+    Demand is "slow" when the recent average fault latency exceeds `ratio` times the best latency seen
+    lately (the baseline, which drifts up slowly so it follows a machine that got busier), and at
+    least `floor`."""
+
+    def __init__(
+        self, max_window: int = MAX_WINDOW, floor: float = DEMAND_FLOOR, ratio: float = DEMAND_RATIO, smoothing: float = 0.3
+    ):
+        self.max_window = max_window
+        self.floor = floor
+        self.ratio = ratio
+        self.smoothing = smoothing
+        self.window = 1  # ramps up: right after arming the guest's working set faults in
+        self.pause = 0.0
+        self.latency = 0.0  # exponentially weighted recent demand fault latency
+        self.baseline = float("inf")
+        self._last_fault = float("-inf")
+
+    @property
+    def target(self) -> float:
+        return max(self.floor, self.ratio * self.baseline)
+
+    def on_demand_fault(self, seconds: float, now: float) -> None:
+        if self.baseline == float("inf"):
+            self.latency = seconds
+        self.latency += self.smoothing * (seconds - self.latency)
+        self.baseline = min(self.baseline * BASELINE_DRIFT, seconds)
+        self._last_fault = now
+
+    def after_batch(self, now: float) -> None:
+        """Adapt the window and the pause before the next batch."""
+        if now - self._last_fault < DEMAND_MEMORY and self.latency > self.target:
+            self.window = max(1, self.window // 2)
+            self.pause = min(MAX_PAUSE, max(self.pause * 2, 1e-3))
+        else:
+            self.window = min(self.max_window, self.window + 1)
+            self.pause = self.pause / 2 if self.pause > 1e-4 else 0.0
+
+
+class PrefetchScheduler:
+    """Chooses the next runs to prefetch: fault neighbourhoods first, then a sweep."""
+
+    def __init__(
+        self, device: Device, *, run_pages: int = RUN_PAGES, behind: int = 16, ahead: int = 256, max_hints: int = 64
+    ):
+        self.device = device
+        self.run_pages = run_pages
+        self.behind = behind
+        self.ahead = ahead
+        self._hints: deque[int] = deque(maxlen=max_hints)
+        self._cursor = 1
+
+    def hint(self, slot: int) -> None:
+        """A demand fault at `slot` (thread-safe: deque appends are atomic)."""
+        self._hints.append(slot)
+
+    def next_runs(self, max_runs: int) -> list[Run]:
+        runs: list[Run] = []
+        while self._hints and len(runs) < max_runs:
+            slot = self._hints.pop()  # newest first
+            found = self.device.pending_runs(slot - self.behind, slot + self.ahead, max_runs - len(runs), self.run_pages)
+            runs += found
+            if len(runs) >= max_runs:
+                self._hints.append(slot)  # its neighbourhood may hold more
+        wrapped = False
+        while len(runs) < max_runs:
+            found = self.device.pending_runs(self._cursor, self.device.slots, max_runs - len(runs), self.run_pages)
+            found = [run for run in found if run not in runs]
+            if found:
+                runs += found
+                self._cursor = found[-1].slot + found[-1].count
+            elif wrapped or self._cursor <= 1:
+                break
+            else:
+                self._cursor, wrapped = 1, True
+        return runs
+
+
+class Prefetcher:
+    """Runs the scheduler on a daemon thread over its own source connection (which it owns and closes),
+    after arming."""
+
+    def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True):
+        self.device = device
+        self.source = source
+        self.timeout = timeout
+        self.learn_zeros = learn_zeros
+        self.scheduler = PrefetchScheduler(device)
+        self.controller = RateController()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        device.add_fault_listener(self._on_fault)
+
+    def _on_fault(self, slot: int, seconds: float) -> None:
+        self.scheduler.hint(slot)
+        self.controller.on_demand_fault(seconds, time.monotonic())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the source connection (which also ends a fetch in flight)."""
+        self._stop.set()
+        self.device.armed_event.set()  # wake a thread still waiting for arming
+        self.source.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        self.device.armed_event.wait()
+        if self._stop.is_set():
+            return
+        if self.learn_zeros:
+            self._learn_zero_pages()
+        log.info("prefetching %d pages", self.device.remaining)
+        while not self._stop.is_set():
+            gap = self._wait_for_demand_gap()
+            runs = self.scheduler.next_runs(self.controller.window if gap else 1)
+            if not runs:  # everything is local (or being fetched on demand): wait for new mappings
+                self._stop.wait(IDLE_POLL)
+                continue
+            try:
+                self.device.fetch(runs, self.source, "prefetch", self.timeout)
+            except DeviceIOError:
+                self._stop.wait(RETRY_PAUSE)
+                continue
+            self.controller.after_batch(time.monotonic())
+            if self.controller.pause:
+                self._stop.wait(self.controller.pause)
+
+    def _wait_for_demand_gap(self) -> bool:
+        """Wait until demand is quiet (see the module doc); False if DEMAND_YIELD ran out first."""
+        device = self.device
+        deadline = time.monotonic() + DEMAND_YIELD
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if not device.demand_idle.is_set():
+                device.demand_idle.wait(deadline - now)
+                continue
+            quiet_left = device.last_demand_end + DEMAND_QUIET - now
+            if quiet_left <= 0:
+                return True
+            self._stop.wait(min(quiet_left, deadline - now))
+        return True
+
+    def _learn_zero_pages(self) -> None:
+        started = time.monotonic()
+        try:
+            zero = self.device.learn_zero_pages(self.source, self.timeout, pace=self._wait_for_demand_gap)
+        except Exception as exc:  # block status is an optimisation: fetching zero pages is still correct
+            log.warning("could not learn zero pages from the source (%s: %s); fetching them", type(exc).__name__, exc)
+            return
+        log.info("the source reports %d zero pages (%.2fs): served without fetching", zero, time.monotonic() - started)

@@ -1,0 +1,539 @@
+"""Staging: make a live process's anonymous range "swapped out to the postcopy device".
+
+`stage_range()` does, in order (DESIGN.md piece 3 and "Checked on this machine kind"):
+
+1. validate the target, the range, the swap device (active, free slots, highest priority) and zswap;
+2. move the target into a dedicated memcg, BEFORE any page is written (charges do not move here);
+3. write a keyed marker into every page (the device learns slot -> guest page from these writes);
+4. page the range out with process_madvise(MADV_PAGEOUT) and wait for the writeback;
+5. purge the swap cache by reclaiming the memcg; pages it could not drop (pages touched before staging
+   stay charged to their old memcg) get the per-CPU read-touch + MADV_PAGEOUT fallback, and a page that
+   turns up in the swap cache again a moment later gets it once more (up to VERIFY_ATTEMPTS);
+6. verify: every page is a swap entry (pagemap) of one swap type, and sampled slots of the device hold
+   those pages' markers (which proves the type is the device's: /proc/swaps row order is not the swap
+   type once a lower type was swapped off); none is present; none is in the swap cache (per page: the
+   frame it had is no longer an unmapped swap-cache page of its memcg, per /proc/kpageflags and
+   /proc/kpagecgroup; and the memcg's swapcached counter is 0); and the device's own map agrees when a
+   control socket is given.
+
+With the default `memcg_name="auto"` the memcg is temporary: afterwards the target is back in its own
+memcg and the dedicated one is removed. On failure after the markers were written, the range is overwritten with zeros so that no marker can
+ever be read as guest data, the target goes back to its memcg and the dedicated memcg is removed.
+Staging destroys whatever the range held before; it is meant for fresh destination RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shlex
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from ..common import linux
+from ..common.units import PAGE_SIZE
+from ..device.control import ControlError, request
+from ..device.markers import MarkerCodec
+from .memcg import Memcg, find_by_inode
+from ..common.progress import Progress
+
+log = logging.getLogger(__name__)
+
+BATCH_PAGES = 256  # marker pages per process_vm_writev (1 MiB)
+PAGEOUT_CHUNK_PAGES = 2048  # 8 MiB per process_madvise, for progress
+MIN_HEADROOM_PAGES = 64  # free slots beyond the range: reclaim skips anon memory when swap is full
+DEVICE_SAMPLES = 32  # pages whose slot is read back from the device
+FALLBACK_ROUNDS = 4
+VERIFY_ATTEMPTS = 5
+WRITEBACK_TIMEOUT = 120.0
+SETTLE_SECONDS = 1.0
+
+
+class StagingError(Exception):
+    """Staging failed or was refused; the message says which check and which pages."""
+
+
+@dataclass
+class StageReport:
+    pid: int
+    address: int
+    pages: int
+    device: str
+    swap_type: int
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    fallback_pages: int = 0
+    memcg_swapcached_bytes: int = 0
+    global_swapcached_pages: int = 0
+    device_mapped: int | None = None
+
+    @property
+    def pages_per_second(self) -> float:
+        return self.pages / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{name} {secs:.2f}s" for name, secs in self.phases.items())
+        text = (f"staged {self.pages} pages ({self.pages * PAGE_SIZE >> 20} MiB) of process {self.pid} at "
+                f"{self.address:#x} onto {self.device} (swap type {self.swap_type}) in {self.seconds:.2f}s "
+                f"({self.pages_per_second:,.0f} pages/s: {phases})")
+        if self.fallback_pages:
+            text += f"; {self.fallback_pages} pages needed the read-touch fallback"
+        if self.device_mapped is not None:
+            text += f"; device maps {self.device_mapped} pages"
+        return text
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def required_free_pages(pages: int) -> int:
+    """Free swap slots staging needs: the range plus headroom for reclaim."""
+    return pages + max(MIN_HEADROOM_PAGES, pages // 200)
+
+
+def validate(pid: int, address: int, length: int, device: str) -> linux.SwapArea:
+    """Check everything that can be checked before touching the target; returns the device's swap area."""
+    if os.geteuid() != 0:
+        raise StagingError("staging needs root (pagemap swap entries, memcg, process_madvise)")
+    if address % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+        raise StagingError(f"address {address:#x} and length {length} must be positive multiples of {PAGE_SIZE}")
+    try:
+        holes = linux.uncovered_ranges(pid, address, length)
+    except OSError as exc:
+        raise StagingError(str(exc.strerror)) from None
+    if holes:
+        start, end = holes[0]
+        raise StagingError(
+            f"range {address:#x}-{address + length:#x} is not inside anonymous private writable mappings of "
+            f"process {pid}: {start:#x}-{end:#x} is not (see /proc/{pid}/maps)")
+    if linux.zswap_enabled():
+        raise StagingError("zswap is enabled: pages would be compressed in RAM instead of written to the device "
+                           "(echo N > /sys/module/zswap/parameters/enabled)")
+    area = linux.find_swap(device)
+    if area is None:
+        raise StagingError(f"{device} is not an active swap device (not in /proc/swaps); attach it first "
+                           "(scripts/setup-swap.sh attach)")
+    pages = length // PAGE_SIZE
+    need = required_free_pages(pages)
+    if area.free_pages < need:
+        raise StagingError(f"swap device {device} has {area.free_pages} free slots; staging {pages} pages needs "
+                           f"{need} (the range plus headroom)")
+    rivals = [a for a in linux.read_swaps() if a != area and a.priority >= area.priority]
+    if rivals:
+        names = ", ".join(f"{a.filename} (priority {a.priority})" for a in rivals)
+        raise StagingError(f"swap device {device} has priority {area.priority} but {names} is at least as high: "
+                           f"MADV_PAGEOUT would put pages there; swapon {device} with a higher priority")
+    return area
+
+
+def _device_status(control: str) -> dict:
+    try:
+        status = request(control, "status")
+    except ControlError as exc:
+        raise StagingError(str(exc)) from None
+    if "error" in status:
+        raise StagingError(f"control socket {control}: {status['error']}")
+    return status
+
+
+# --- the steps --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pinned_to(cpu: int) -> Iterator[None]:
+    """Run on one CPU: the per-CPU LRU batches that hold freshly faulted pages are then drained by us."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def write_pages(pid: int, address: int, count: int, header_of: Callable[[int], bytes] | None,
+                bar: Progress | None = None) -> None:
+    """Write page i = `header_of(i)` followed by zeros to each of the `count` pages from `address`.
+
+    With `header_of=None` every page is written with zeros. Batches go through process_vm_writev, or
+    through /proc/PID/mem where that is not allowed.
+    """
+    batch = bytearray(BATCH_PAGES * PAGE_SIZE)  # stays zero apart from the headers written into it
+    use_proc_mem = False
+    for start in range(0, count, BATCH_PAGES):
+        n = min(BATCH_PAGES, count - start)
+        if header_of is not None:
+            for k in range(n):
+                header = header_of(start + k)
+                batch[k * PAGE_SIZE:k * PAGE_SIZE + len(header)] = header
+        data = memoryview(batch)[:n * PAGE_SIZE]
+        target = address + start * PAGE_SIZE
+        if not use_proc_mem:
+            try:
+                linux.process_vm_writev(pid, data, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOSYS):
+                    raise
+                use_proc_mem = True
+        if use_proc_mem:
+            linux.write_proc_mem(pid, data, target)
+        if bar:
+            bar.advance(n)
+
+
+def touch_pages(pid: int, address: int, indices: list[int]) -> None:
+    """Read the pages from outside (a fault from the target's point of view)."""
+    for start, count in linux.page_runs(indices):
+        linux.process_vm_readv(pid, bytearray(count * PAGE_SIZE), address + start * PAGE_SIZE)
+
+
+def pageout(pidfd: int, address: int, indices: list[int], bar: Progress | None = None) -> None:
+    for start, count in linux.page_runs(indices):
+        for s in range(start, start + count, PAGEOUT_CHUNK_PAGES):
+            n = min(PAGEOUT_CHUNK_PAGES, start + count - s)
+            linux.process_madvise(pidfd, address + s * PAGE_SIZE, n * PAGE_SIZE, linux.MADV_PAGEOUT)
+            if bar:
+                bar.advance(n)
+
+
+def wait_for_writeback(memcg: Memcg, include_global: bool, timeout: float = WRITEBACK_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = memcg.writeback_bytes()
+        if include_global:
+            pending += linux.vmstat("nr_writeback")["nr_writeback"]
+        if pending == 0:
+            return
+        if time.monotonic() > deadline:
+            raise StagingError(f"swap writeback did not finish within {timeout:.0f}s ({pending} still pending)")
+        time.sleep(0.005)
+
+
+class Frames:
+    """Per page of the range: the frame (PFN) it had when last seen present and the memcg it was charged to.
+
+    Two flat arrays (16 bytes per page), so ranges of hundreds of GiB stay affordable; 0 = not recorded.
+    """
+
+    def __init__(self, pages: int):
+        self.pfn = array("Q", bytes(8 * pages))
+        self.memcg = array("Q", bytes(8 * pages))
+
+    def charged_elsewhere(self, memcg_inode: int) -> int:
+        """How many recorded pages are charged to another memcg than `memcg_inode`."""
+        return sum(1 for cg in self.memcg if cg and cg != memcg_inode)
+
+
+class _Pages:
+    """Page-level view of the staged range through pagemap, kpageflags and kpagecgroup."""
+
+    SCAN_PAGES = 65536  # pages looked at per pass of the swap-cache check (bounds its memory)
+
+    def __init__(self, pid: int, address: int, pages: int):
+        self.address = address
+        self.pages = pages
+        self.pagemap = linux.Pagemap(pid)
+
+    def entries(self):
+        return self.pagemap.entries(self.address, self.pages)
+
+    def record_frames(self, frames: Frames, indices: Iterable[int] | None = None) -> None:
+        """Record the frame and memcg of the present pages among `indices` (all pages by default)."""
+        entries = self.entries()
+        indices = range(self.pages) if indices is None else list(indices)  # a range slices lazily
+        for start in range(0, len(indices), self.SCAN_PAGES):
+            present = [i for i in indices[start:start + self.SCAN_PAGES] if linux.is_present(entries[i])]
+            pfns = [linux.pfn(entries[i]) for i in present]
+            for i, pfn, cg in zip(present, pfns, linux.page_cgroups(pfns)):
+                frames.pfn[i] = pfn
+                frames.memcg[i] = cg
+
+    def still_in_swap_cache(self, frames: Frames) -> list[int]:
+        """Pages whose recorded frame is still an unmapped swap-cache page charged to the same memcg.
+
+        A page keeps its frame while it sits in the swap cache, so this is a per-page check. It errs on the
+        safe side: a frame freed and reused for another unmapped swap-cache page of that memcg (swap
+        readahead of a neighbour) reads as still cached. Compaction moving a swap-cache page is the one
+        way to miss it, which the memcg's swapcached counter catches.
+        """
+        cached = []
+        for start in range(0, self.pages, self.SCAN_PAGES):
+            recorded = [i for i in range(start, min(start + self.SCAN_PAGES, self.pages)) if frames.pfn[i]]
+            flags = linux.page_flags([frames.pfn[i] for i in recorded])
+            candidates = [i for i, f in zip(recorded, flags)
+                          if f >> linux.KPF_SWAPCACHE & 1 and not f >> linux.KPF_MMAP & 1]
+            now = linux.page_cgroups([frames.pfn[i] for i in candidates])
+            cached += [i for i, cg in zip(candidates, now) if cg == frames.memcg[i]]
+        return cached
+
+    def close(self) -> None:
+        self.pagemap.close()
+
+
+def _describe(indices: list[int], address: int) -> str:
+    shown = ", ".join(f"{i} ({address + i * PAGE_SIZE:#x})" for i in indices[:8])
+    more = f" and {len(indices) - 8} more" if len(indices) > 8 else ""
+    return f"{len(indices)} pages: {shown}{more}"
+
+
+def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device: str, *,
+                control: str | None = None, memcg_name: str = "auto", quiet: bool = False,
+                stream: TextIO | None = None) -> StageReport:
+    """Stage [address, address+length) of process `pid` onto swap device `device`. See the module doc."""
+    started = time.monotonic()
+    area = validate(pid, address, length, device)
+    pages = length // PAGE_SIZE
+    report = StageReport(pid, address, pages, device, swap_type=-1)
+    if control:
+        status = _device_status(control)
+        if status.get("armed"):
+            raise StagingError(f"the device behind {control} is armed: staging reads would fetch from the source; "
+                               "stage onto a freshly attached device")
+    try:
+        pidfd = linux.pidfd_open(pid)
+    except OSError as exc:
+        raise StagingError(exc.strerror) from None
+
+    clock = [time.monotonic()]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        report.phases[name] = now - clock[0]
+        clock[0] = now
+
+    phase("validate")
+    try:
+        view = _Pages(pid, address, pages)
+    except OSError as exc:
+        os.close(pidfd)
+        raise StagingError(exc.strerror or str(exc)) from None
+    try:
+        memcg, home = Memcg.for_target(pid, memcg_name)
+    except OSError as exc:
+        view.close()
+        os.close(pidfd)
+        raise StagingError(exc.strerror or str(exc)) from None
+    cpus = sorted(os.sched_getaffinity(0))
+    written = False
+    try:
+        memcg.move(pid)
+        with pinned_to(cpus[0]):
+            bar = Progress("writing markers", pages, quiet=quiet, stream=stream)
+            written = True
+            write_pages(pid, address, pages, codec.header, bar)
+            bar.finish()
+            phase("markers")
+            frames = Frames(pages)
+            view.record_frames(frames)
+            foreign = frames.charged_elsewhere(memcg.inode)
+            if foreign:
+                log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
+            bar = Progress("paging out", pages, quiet=quiet, stream=stream)
+            pageout(pidfd, address, list(range(pages)), bar)
+            bar.finish()
+        wait_for_writeback(memcg, include_global=bool(foreign))
+        phase("pageout")
+        memcg.purge()
+        for attempt in range(VERIFY_ATTEMPTS):
+            leftovers = _leftovers(view, frames)
+            if leftovers:
+                report.fallback_pages += len(leftovers)
+                _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
+            if attempt == 0:
+                phase("purge")
+            _verify_mapping(view, report, area, codec)
+            # A straggler can turn up in the swap cache a moment after the fallback found none: look again.
+            cached = _leftovers(view, frames)
+            if not cached:
+                break
+            log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
+        else:
+            raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would not "
+                               f"reach the device): {_describe(cached, address)}")
+        _verify_counters(report, memcg, frames)
+        if control:
+            report.device_mapped = _check_device_map(control, pages)
+        phase("verify")
+    except BaseException as exc:
+        state = _undo(pid, address, pages, written, memcg, home, memcg_name)
+        if isinstance(exc, OSError):
+            raise StagingError(f"{exc.strerror or exc}; {state}") from exc
+        if isinstance(exc, StagingError):
+            raise StagingError(f"{exc}; {state}") from exc
+        raise
+    finally:
+        view.close()
+        os.close(pidfd)
+    if memcg_name == "auto":
+        memcg.remove(home)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _leftovers(view: _Pages, frames: Frames, settle: float = SETTLE_SECONDS) -> list[int]:
+    """Pages still present, not swapped, or whose frame is still in the swap cache.
+
+    A few pages leave the swap cache a moment after the writeback ends (per-CPU batches draining), so
+    this polls for up to `settle` seconds before it reports any.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        entries = view.entries()
+        bad = set(view.still_in_swap_cache(frames))
+        if not linux.all_swapped_out(entries):
+            bad.update(i for i in range(view.pages) if linux.is_present(entries[i]) or not linux.is_swapped(entries[i]))
+        if not bad or time.monotonic() > deadline:
+            return sorted(bad)
+        time.sleep(0.02)
+
+
+def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pages: list[int],
+              cpus: list[int], frames: Frames) -> None:
+    """Read-touch + MADV_PAGEOUT the pages on each CPU in turn, until none is left in the swap cache.
+
+    A touch that misses the swap cache would start swap readahead, which leaves unmapped copies of the
+    neighbours in the swap cache where MADV_PAGEOUT cannot reach them. So MADV_WILLNEED (which reads
+    exactly the pages asked for) brings any missing page in first, and the touch always hits.
+    `frames` is updated with the frames the touched pages have now.
+    """
+    for _ in range(FALLBACK_ROUNDS):
+        for cpu in cpus:
+            if not pages:
+                return
+            with pinned_to(cpu):
+                for start, count in linux.page_runs(pages):
+                    linux.process_madvise(pidfd, address + start * PAGE_SIZE, count * PAGE_SIZE, linux.MADV_WILLNEED)
+                touch_pages(pid, address, pages)
+                view.record_frames(frames, pages)
+                pageout(pidfd, address, pages)
+            wait_for_writeback(memcg, include_global=True)
+            memcg.purge()
+            pages = _leftovers(view, frames)
+            log.info("fallback on CPU %d: %d pages left", cpu, len(pages))
+
+
+def _verify_mapping(view: _Pages, report: StageReport, area: linux.SwapArea, codec: MarkerCodec) -> None:
+    """Every page is a swap entry on the device and none is present; sets report.swap_type."""
+    entries = view.entries()
+    address = view.address
+    if not linux.all_swapped_out(entries):
+        present = [i for i in range(view.pages) if linux.is_present(entries[i])]
+        if present:
+            raise StagingError(f"verify: still resident after page-out: {_describe(present, address)}")
+        missing = [i for i in range(view.pages) if not linux.is_swapped(entries[i])]
+        raise StagingError(f"verify: not a swap entry (pagemap bit 62 clear): {_describe(missing, address)}")
+    swap_type = linux.common_swap_type(entries)
+    if swap_type is None:
+        types: dict[int, list[int]] = {}
+        for i in range(view.pages):
+            types.setdefault(linux.swap_type(entries[i]), []).append(i)
+        detail = "; ".join(f"type {t}: {_describe(p, address)}" for t, p in sorted(types.items()))
+        raise StagingError(f"verify: pages went to more than one swap device: {detail}")
+    report.swap_type = swap_type
+    beyond = [i for i in range(view.pages) if linux.swap_offset(entries[i]) > area.size_pages]
+    if beyond:
+        raise StagingError(f"verify: swap offsets beyond the size of {area.filename}, so the pages are on another "
+                           f"device: {_describe(beyond, address)}")
+    step = max(1, (view.pages - 1) // (DEVICE_SAMPLES - 1))
+    for i in sorted({*range(0, view.pages, step), view.pages - 1}):
+        slot = linux.swap_offset(entries[i])
+        found = codec.parse(linux.read_direct(area.filename, slot * PAGE_SIZE))
+        if found != i:
+            what = "no marker" if found is None else f"the marker of page {found}"
+            raise StagingError(f"verify: page {i} is in swap slot {slot} of type {report.swap_type}, but that slot "
+                               f"of {area.filename} holds {what}: the pages are not on this device")
+
+
+def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
+    """The memcg counters agree that nothing is left in the swap cache.
+
+    Weaker evidence than the per-page check (memcg statistics are flushed lazily, so a handful of pages
+    can hide in them), but it also covers a swap-cache page that compaction moved to another frame.
+    """
+    report.memcg_swapcached_bytes = _settled_swapcached(memcg)
+    report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
+    if report.memcg_swapcached_bytes:
+        raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
+                           "swap cache after reclaim")
+    _verify_other_memcgs(frames, memcg)
+
+
+def _settled_swapcached(memcg: Memcg) -> int:
+    """The memcg's swapcached bytes, waiting up to SETTLE_SECONDS for them to reach 0."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while (cached := memcg.swapcached_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cached
+
+
+def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
+    """Pages touched before staging stay charged to the memcg they were in. A swap-cache copy of one of them
+    would be charged there too, so that memcg's swapcached counter must be 0 (it may include other
+    processes' pages: then this check cannot tell, and says so)."""
+    for inode in set(frames.memcg) - {0, memcg.inode}:
+        path = find_by_inode(memcg.version, inode)
+        if path is None:
+            log.warning("pages of the range are charged to a memcg that no longer exists (inode %d): "
+                        "its swap cache cannot be checked", inode)
+            continue
+        cached = _settled_swapcached(Memcg(memcg.version, path, created=False))
+        if cached:
+            count = sum(1 for cg in frames.memcg if cg == inode)
+            raise StagingError(
+                f"verify: {count} pages of the range were touched before staging and stay charged to memcg {path}, "
+                f"which has {cached} bytes in the swap cache: some may be pages of the range (stage memory that "
+                "was never touched, as an -incoming QEMU's, or make sure nothing else there uses swap)")
+
+
+def record_target(device: str, pid: int, address: int, length: int) -> Path | None:
+    """Tell `setup-swap.sh detach` what to complete: write STATE/target for the attachment of `device`.
+
+    Attachments are registered in $NBD_POSTCOPY_RUN_DIR (default /run/nbd-postcopy), one entry per name
+    holding a shell-quoted `state` file with `device=`. Returns the file written, or None when `device`
+    was not attached by setup-swap.sh.
+    """
+    run_dir = Path(os.environ.get("NBD_POSTCOPY_RUN_DIR", "/run/nbd-postcopy"))
+    for entry in sorted(run_dir.glob("*/state")):
+        try:
+            fields = dict(word.split("=", 1) for word in shlex.split(entry.read_text()) if "=" in word)
+        except (OSError, ValueError):
+            continue
+        if fields.get("device") and linux.same_file(fields["device"], device):
+            target = entry.parent / "target"
+            target.write_text(f"target_pid={pid}\ntarget_address={address:#x}\ntarget_length={length}\n")
+            return target
+    return None
+
+
+def _check_device_map(control: str, pages: int) -> int:
+    status = _device_status(control)
+    mapped = int(status.get("mapped", -1))
+    if mapped != pages:
+        raise StagingError(f"verify: the device maps {mapped} guest pages but {pages} were staged "
+                           f"(control socket {control})")
+    return mapped
+
+
+def _undo(pid: int, address: int, pages: int, written: bool, memcg: Memcg, home, memcg_name: str) -> str:
+    """Best-effort undo after a failure; returns a sentence saying what state remains."""
+    notes = []
+    if written:
+        try:
+            write_pages(pid, address, pages, None)
+            notes.append("the range was overwritten with zeros (its old contents are gone)")
+        except OSError as exc:
+            notes.append(f"the range could NOT be zeroed ({exc.strerror or exc}): it may still hold markers")
+    if memcg_name == "auto":
+        try:
+            memcg.remove(home)
+            notes.append(f"process {pid} is back in memcg {home}")
+        except OSError as exc:
+            notes.append(str(exc.strerror or exc))
+    else:
+        notes.append(f"process {pid} stays in memcg {memcg.path}")
+    return "state left: " + ("; ".join(notes) if notes else "nothing was changed")

@@ -1,0 +1,452 @@
+"""Live-migrate a running QEMU VM with nbd-postcopy (DESIGN.md piece 6).
+
+QEMU's own migration stream carries device state only (capability x-ignore-shared: the source's RAM is
+on a shared backend), and the destination's RAM arrives through kernel swap:
+
+  1. check both QEMUs: the source runs with shared RAM, the destination waits (-incoming defer) with
+     anonymous RAM of the same size;
+  2. serve the source RAM (`nbd-postcopy serve`) with the freeze gate closed;
+  3. attach the destination swap device (scripts/setup-swap.sh attach, the plugin fetching from 2.);
+  4. stage the destination RAM onto it and arm the device;
+  5. migrate; the gate opens the moment the source stops (QMP STOP event), and the guest resumes at
+     the destination, faulting its pages in on demand while the prefetcher pulls the rest;
+  6. release and complete: once the device's prefetcher has pulled every page, the source is no longer
+     needed: quit it and stop the page server; then pre-page every page into the guest (now a local
+     copy) and detach the device. (If the prefetcher stalls, completion fetches the rest first.)
+
+Until the destination resumes, any failure rolls back: the source keeps (or resumes) running, the
+destination QEMU is told to quit (an -incoming QEMU cannot take a second migration), and everything
+started here is stopped. After that point the guest lives at the destination and needs the source
+until every page is local, so a failure leaves the source and the page server up and says so; only
+if the destination QEMU itself is gone are they removed, leaving the paused source to be resumed.
+Once every page is local the source is released, as QEMU's own postcopy releases it once every page
+is sent; a failure after that leaves the swap device attached, holding every page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..host.completion import complete_range
+from ..device.control import ControlError, request
+from ..device.markers import MarkerCodec
+from ..common.progress import Progress
+from .ram import RAM_ID, RamRegion, ram_region_of
+from ..common.qmp import Qmp, QmpEvent, VmError
+from ..host.staging import stage_range
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"
+SERVER_START_TIMEOUT = 10.0
+PREFETCH_STALL_SECONDS = 5.0
+
+
+class MigrateError(Exception):
+    """The migration failed or was refused; the message says at which step and what state remains."""
+
+
+@dataclass
+class MigrateOptions:
+    source_qmp: Path  # a QMP socket of the running source QEMU (one nobody else is connected to)
+    destination_qmp: Path  # a QMP socket of the destination QEMU, started with -incoming defer
+    work_dir: Path  # short private directory: sockets, the key, the device's state directory
+    memdev: str = RAM_ID  # the memory backend holding guest RAM, on both sides
+    release_source: bool = True  # quit the source QEMU once every page is local
+    quiet: bool = False
+    stream: TextIO | None = None  # progress and step lines (default stderr)
+
+
+@dataclass
+class MigrationReport:
+    guest_bytes: int
+    stage_seconds: float
+    downtime_ms: float | None  # QEMU's own figure (source query-migrate)
+    switchover_to_resume_ms: float  # source STOP event to destination RESUME event
+    complete_seconds: float
+    total_seconds: float  # migrate command to source released
+    device_state_bytes: int  # what QEMU's stream carried
+    pages_demand: int
+    pages_prefetch: int
+    pages_without_fetch: int  # zero pages known from block status (served with no fetch)
+    fault_p50_ms: float | None  # upper bucket bounds of the plugin's fault latency histogram
+    fault_p99_ms: float | None
+    source_released: bool
+
+    def summary(self) -> str:
+        def ms(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f} ms"
+
+        return "\n".join([
+            f"guest RAM:                 {self.guest_bytes >> 20} MiB",
+            f"staging:                   {self.stage_seconds:.2f} s (before the migration)",
+            f"downtime (QEMU):           {ms(self.downtime_ms)}",
+            f"switchover to resume:      {ms(self.switchover_to_resume_ms)}",
+            f"device state sent:         {self.device_state_bytes / 2**20:.2f} MiB",
+            f"completion:                {self.complete_seconds:.2f} s",
+            f"total to source release:   {self.total_seconds:.2f} s"
+            + ("" if self.source_released else " (source not released)"),
+            f"pages demand-fetched:      {self.pages_demand}",
+            f"pages prefetched:          {self.pages_prefetch}",
+            f"pages zero (no fetch):     {self.pages_without_fetch}",
+            f"fault latency p50 / p99:   <= {ms(self.fault_p50_ms)} / <= {ms(self.fault_p99_ms)}",
+        ])
+
+
+def migrate(options: MigrateOptions) -> MigrationReport:
+    return _Migration(options).run()
+
+
+class _Migration:
+    def __init__(self, options: MigrateOptions):
+        self.o = options
+        self.work = Path(options.work_dir)
+        self.stream = options.stream if options.stream is not None else sys.stderr
+        self.server: subprocess.Popen | None = None
+        self.swap_name = f"mig{uuid.uuid4().hex[:8]}"
+        self.swap_state = self.work / "swap"
+        self.attached = False
+        self.metrics_port = _free_port()
+
+    def say(self, message: str) -> None:
+        if not self.o.quiet:
+            print(f"migrate: {message}", file=self.stream, flush=True)
+
+    def run(self) -> MigrationReport:
+        self.work.mkdir(parents=True, exist_ok=True)
+        source = _connect(self.o.source_qmp, "source")
+        try:
+            destination = _connect(self.o.destination_qmp, "destination")
+        except BaseException:
+            source.close()
+            raise
+        try:
+            return self._run(source, destination)
+        finally:
+            destination.close()
+            source.close()
+
+    def _run(self, source: Qmp, destination: Qmp) -> MigrationReport:
+        src_pid, dst_pid = source.peer_pid(), destination.peer_pid()
+        self.dst_pid = dst_pid
+        src_ram, dst_ram = self._check(source, destination, src_pid, dst_pid)
+        resumed = False
+        try:
+            self._start_server(src_pid, src_ram)
+            key = self.work / "key"
+            key.write_bytes(os.urandom(32))
+            self._attach(src_ram.length, key)
+            self.say(f"staging {dst_ram.length >> 20} MiB of destination RAM (QEMU pid {dst_pid}) onto {self.device}")
+            stage = stage_range(dst_pid, dst_ram.address, dst_ram.length, MarkerCodec.from_file(key), self.device,
+                                control=str(self.control), quiet=self.o.quiet, stream=self.stream)
+            armed = self._device("arm")
+            if not armed.get("armed"):
+                raise MigrateError(f"the destination device did not arm: {armed}")
+            if not self._device("status").get("source_connected"):
+                raise MigrateError("the destination device is not connected to the source page server")
+            self.say("migrating device state (x-ignore-shared)")
+            started, stop, resume, info = self._switch_over(source, destination)
+            resumed = True
+        except BaseException as exc:
+            if resumed:
+                raise
+            self._roll_back(source, destination, exc)
+            if isinstance(exc, Exception):
+                raise MigrateError(f"{exc}\nrolled back: the source VM keeps running, the destination QEMU was "
+                                   "told to quit, the page server and the swap device are gone") from exc
+            raise
+        self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
+                 f"after the source stopped); completing")
+        released_at = None
+        try:
+            self._wait_for_prefetch()
+            if self._device("status").get("complete"):  # every page is local: the source is not needed
+                released_at = self._release_source(source)
+            completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
+                                        quiet=self.o.quiet, stream=self.stream)
+        except BaseException as exc:
+            if released_at is not None:
+                raise MigrateError(
+                    f"completion failed after the source was released: {exc}. Every page is on the swap device "
+                    f"{self.swap_name}, which was left attached; retry with '{SETUP_SWAP} detach {self.swap_name} "
+                    f"--pid {dst_pid} --address {dst_ram.address:#x} --length {dst_ram.length}'") from exc
+            if _exited(dst_pid):
+                self._stop_server()
+                self._detach()
+                raise MigrateError(
+                    f"the destination QEMU (pid {dst_pid}) exited after the switchover ({exc}); the source QEMU "
+                    f"(pid {src_pid}) is paused with the guest's memory intact: the QMP command 'cont' resumes "
+                    "it there, if nothing else (e.g. shared disks) moved on. Page server and swap device removed."
+                ) from exc
+            raise MigrateError(
+                f"completion failed after the switchover: {exc}. The guest runs at the destination and still "
+                f"needs the source: the source QEMU (pid {src_pid}), the page server (pid {self.server.pid}) "
+                f"and the swap device {self.swap_name} were left running; retry with "
+                f"'{SETUP_SWAP} detach {self.swap_name} --pid {dst_pid} --address {dst_ram.address:#x} "
+                f"--length {dst_ram.length}'") from exc
+        status = self._device("status")
+        if not status.get("complete"):
+            raise MigrateError(
+                f"completion ended but the device still has {status.get('remaining')} pages to fetch: the source "
+                f"QEMU (pid {src_pid}), the page server and the swap device {self.swap_name} were left running")
+        if released_at is None:  # completion fetched what the prefetcher had left
+            released_at = self._release_source(source)
+        faults = self._fault_latency()
+        total = released_at - started
+        self._detach()
+        return MigrationReport(
+            guest_bytes=dst_ram.length,
+            stage_seconds=stage.seconds,
+            downtime_ms=info.get("downtime"),
+            switchover_to_resume_ms=(resume.host_time - stop.host_time) * 1000,
+            complete_seconds=completion.seconds,
+            total_seconds=total,
+            device_state_bytes=info.get("ram", {}).get("transferred", 0),
+            pages_demand=status["fetched_demand"],
+            pages_prefetch=status["fetched_prefetch"],
+            pages_without_fetch=status["pages"] - status["fetched_demand"] - status["fetched_prefetch"],
+            fault_p50_ms=faults[0],
+            fault_p99_ms=faults[1],
+            source_released=self.o.release_source,
+        )
+
+    # --- the steps ---------------------------------------------------------------------------------
+
+    def _check(self, source: Qmp, destination: Qmp, src_pid: int, dst_pid: int) -> tuple[RamRegion, RamRegion]:
+        if (state := source.status()) != "running":
+            raise MigrateError(f"the source QEMU (pid {src_pid}) is {state!r}, not running")
+        if (state := destination.status()) != "inmigrate":
+            raise MigrateError(f"the destination QEMU (pid {dst_pid}) is {state!r}: start it with -incoming defer")
+        if not _memdev_property(source, self.o.memdev, "share"):
+            raise MigrateError(
+                f"the source's memory backend {self.o.memdev!r} is not shared: start the source with "
+                f"memory-backend-file or memory-backend-memfd and share=on (see the README)")
+        if _memdev_property(destination, self.o.memdev, "share"):
+            raise MigrateError(f"the destination's memory backend {self.o.memdev!r} is shared: "
+                               "use memory-backend-ram (anonymous memory) there")
+        try:
+            src_ram = ram_region_of(src_pid, source, self.o.memdev)
+            dst_ram = ram_region_of(dst_pid, destination, self.o.memdev)
+        except VmError as exc:
+            raise MigrateError(str(exc)) from None
+        if src_ram.length != dst_ram.length:
+            raise MigrateError(f"guest RAM sizes differ: source {src_ram.length} bytes, destination {dst_ram.length}")
+        if dst_ram.path:
+            raise MigrateError(f"the destination's guest RAM is mapped from {dst_ram.path}, not anonymous memory")
+        return src_ram, dst_ram
+
+    def _start_server(self, src_pid: int, ram: RamRegion) -> None:
+        self.socket = self.work / "source.sock"
+        if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
+            source_args = ["--file", ram.path]
+        else:  # memfd (or a deleted file): read it through the QEMU process
+            source_args = ["--pid", str(src_pid), "--address", hex(ram.address), "--length", str(ram.length)]
+        argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *source_args,
+                "--listen", f"unix:{self.socket}", "--gate", "closed"]
+        self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.path or 'anonymous'}) on {self.socket}, "
+                 "gate closed")
+        self.server_log = self.work / "source-server.log"
+        with open(self.server_log, "ab") as log_file:
+            self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                           start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not self.socket.exists():
+            if self.server.poll() is not None:
+                tail = self.server_log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise MigrateError(f"the source page server exited with status {self.server.returncode}:\n"
+                                   + "\n".join(tail))
+            if time.monotonic() > deadline:
+                raise MigrateError(f"the source page server did not listen on {self.socket} within "
+                                   f"{SERVER_START_TIMEOUT:g}s")
+            time.sleep(0.02)
+
+    def _attach(self, size: int, key: Path) -> None:
+        keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
+                f"metrics=127.0.0.1:{self.metrics_port}"]
+        self.say(f"attaching the destination swap device ({self.swap_name})")
+        result = subprocess.run([str(SETUP_SWAP), "attach", "--name", self.swap_name, "--state-dir",
+                                 str(self.swap_state), "--", *keys], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MigrateError(f"attaching the swap device failed:\n{(result.stdout + result.stderr).strip()}")
+        self.attached = True
+        state = _read_state(self.swap_state)
+        self.device, self.control = state["device"], Path(state["control"])
+
+    def _device(self, command: str) -> dict:
+        try:
+            return request(str(self.control), command)
+        except ControlError as exc:
+            raise MigrateError(f"the destination device does not answer ({exc}); is its nbdkit still running? "
+                               f"see {self.swap_state / 'log'}") from None
+
+    def _switch_over(self, source: Qmp, destination: Qmp) -> tuple[float, QmpEvent, QmpEvent, dict]:
+        for qmp in (source, destination):
+            qmp.set_capabilities(x_ignore_shared=True, events=True)
+        uri = f"unix:{self.work / 'migrate.sock'}"
+        src_mark, dst_mark = source.mark(), destination.mark()
+        server = self.server
+
+        def open_gate(event: QmpEvent) -> None:
+            if event.name == "STOP" and server.poll() is None:
+                server.send_signal(signal.SIGUSR1)
+
+        source.on_event(open_gate)
+        destination.migrate_incoming(uri)
+        started = time.monotonic()
+        source.migrate(uri)
+        status = source.wait_migration(after=src_mark, timeout=300)
+        if status != "completed":
+            reason = source.query_migrate().get("error-desc", "QEMU gave no reason")
+            raise MigrateError(f"QEMU's migration {status}: {reason}")
+        stop = source.wait_event("STOP", after=src_mark, timeout=10)
+        try:
+            resume = destination.wait_event("RESUME", after=dst_mark, timeout=60)
+        except VmError:
+            raise MigrateError("the destination did not resume after the device state arrived") from None
+        info = source.query_migrate()
+        return started, stop, resume, info
+
+    def _wait_for_prefetch(self) -> None:
+        """Let the device's prefetcher pull the pages before pre-paging them into the guest.
+
+        Pre-paging at once competes with the guest's own faults for the device and stalls the guest
+        (256 MiB guest here: largest heartbeat gap 2.3 s at once, 0.9 s after waiting); once the
+        prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
+        no progress for PREFETCH_STALL_SECONDS: completion then fetches what is left itself.
+        """
+        status = self._device("status")
+        total = status["remaining"]
+        bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
+        last, since = None, time.monotonic()
+        while (remaining := status["remaining"]) > 0:
+            bar.update(total - remaining)
+            if remaining != last:
+                last, since = remaining, time.monotonic()
+            elif time.monotonic() - since > PREFETCH_STALL_SECONDS:
+                bar.finish(f"no progress for {PREFETCH_STALL_SECONDS:g}s, completion fetches the rest")
+                return
+            time.sleep(0.05)
+            status = self._device("status")
+        bar.update(total)
+        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+
+    def _roll_back(self, source: Qmp, destination: Qmp, cause: BaseException) -> None:
+        self.say(f"failed ({cause}); rolling back: the source keeps running")
+        with contextlib.suppress(Exception):
+            destination.execute("quit", timeout=5)
+        _wait_gone(self.dst_pid, 15.0)  # never two running guests; and its staged RAM must go before swapoff
+        with contextlib.suppress(Exception):
+            if source.status() in ("postmigrate", "paused", "finish-migrate"):
+                source.execute("cont")
+        self._stop_server()
+        self._detach()
+
+    def _release_source(self, source: Qmp) -> float:
+        """Every page is local: quit the source (unless told not to) and stop the page server. Returns
+        when that happened (time.monotonic())."""
+        if self.o.release_source:
+            source.execute("quit", timeout=10)
+        self._stop_server()
+        self.say("every page is local: the source " + ("was released" if self.o.release_source else
+                                                         "is no longer needed (left running as asked)"))
+        return time.monotonic()
+
+    def _stop_server(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+
+    def _detach(self) -> None:
+        if not self.attached:
+            return
+        result = subprocess.run([str(SETUP_SWAP), "detach", self.swap_name, "--no-complete"],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            log.error("detaching %s failed: %s", self.swap_name, (result.stdout + result.stderr).strip())
+        else:
+            self.attached = False
+
+    def _fault_latency(self) -> tuple[float | None, float | None]:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        except OSError as exc:
+            log.warning("cannot read the device's metrics: %s", exc)
+            return None, None
+        return histogram_quantiles(text, "nbd_postcopy_fault_seconds", (0.5, 0.99))
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def histogram_quantiles(exposition: str, name: str, quantiles: tuple[float, ...]) -> tuple[float | None, ...]:
+    """Upper bounds (ms) of the buckets holding each quantile of Prometheus histogram `name`."""
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(exposition):
+        if family.name == name:
+            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name == f"{name}_bucket")
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return tuple(None for _ in quantiles)
+    return tuple(next(bound * 1000 for bound, count in buckets if count >= q * total) for q in quantiles)
+
+
+def _connect(path: Path, role: str) -> Qmp:
+    try:
+        return Qmp(path, name=role)
+    except VmError as exc:
+        raise MigrateError(f"cannot talk to the {role} QEMU: {exc}") from None
+
+
+def _memdev_property(qmp: Qmp, memdev: str, name: str):
+    try:
+        return qmp.execute("qom-get", path=f"/objects/{memdev}", property=name)
+    except VmError as exc:
+        raise MigrateError(f"cannot read {name} of memory backend {memdev!r}: {exc}") from None
+
+
+def _read_state(state_dir: Path) -> dict[str, str]:
+    """setup-swap.sh's state file, read by bash itself (it writes the values %q-quoted)."""
+    script = '. "$1/state" && printf "%s\\0%s\\0" "$device" "$control"'
+    out = subprocess.run(["bash", "-c", script, "bash", str(state_dir)], capture_output=True, text=True, check=True)
+    device, control, _ = out.stdout.split("\0")
+    return {"device": device, "control": control}
+
+
+def _exited(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie counts: its memory is freed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

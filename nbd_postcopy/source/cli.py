@@ -1,0 +1,163 @@
+"""`nbd-postcopy serve`: serve the frozen source RAM read-only over NBD."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import ssl
+
+from prometheus_client import CollectorRegistry
+
+from ..common.command import CommandError
+from .gate import Gate, watch_qmp
+from .metrics import ServerMetrics
+from ..common.metrics import serve_metrics
+from .server import PageServer, parse_listen, run_server
+from .sources import FileSource, ProcessSource, SourceOpenError, parse_address
+
+log = logging.getLogger(__name__)
+
+HELP = "serve the source VM's RAM read-only over NBD (the page server)"
+DESCRIPTION = """\
+Serve guest RAM read-only over NBD, from a file (e.g. a QEMU memory-backend-file on /dev/shm) or from
+a range of another process's memory (/proc/PID/mem). Many clients, many requests in flight each.
+
+The freeze gate keeps pages from leaving while the source can still change them:
+  --gate open          serve at once (the default)
+  --gate closed        hold every READ, BLOCK_STATUS and CACHE until the gate opens:
+                       send SIGUSR1 to this process (kill -USR1 PID) to open it
+  --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket reports
+                       its guest paused, postmigrate or finish-migrate (give the server a
+                       -qmp socket of its own: QEMU serves one client per QMP socket)
+The gate never closes again once open. Its opening is logged.
+
+TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
+--tls require refuses it with NBD_REP_ERR_TLS_REQD). With --tls-ca, clients must present a
+certificate signed by that CA.
+
+SIGINT or SIGTERM stops the server cleanly (listeners closed, Unix sockets removed, exit 0).
+
+examples:
+  nbd-postcopy serve --file /dev/shm/vm-ram --listen unix:/run/nbdpc.sock --export ram
+  nbd-postcopy serve --pid 1234 --address 0x7f0000000000 --length 1G --listen tcp:0.0.0.0:10809 \\
+      --gate qmp:/run/qemu-src.qmp --metrics-listen 127.0.0.1:9101
+  nbdinfo 'nbd+unix:///ram?socket=/run/nbdpc.sock'
+"""
+
+_SIZE = re.compile(r"^(\d+|0x[0-9a-fA-F]+)([KMGT]i?B?)?$")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes: 4096, 0x1000, 256M, 1G, 1GiB (binary units)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use bytes, or a number with K, M, G or T")
+    return int(match.group(1), 0) * _UNITS[(match.group(2) or "")[:1]]
+
+
+def _listen_spec(text: str):
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gate_spec(text: str) -> str:
+    if text in ("open", "closed") or (text.startswith("qmp:") and len(text) > 4):
+        return text
+    raise argparse.ArgumentTypeError(f"bad --gate {text!r}: use open, closed or qmp:SOCKET")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("source (either --file, or --pid with --address and --length)")
+    src.add_argument("--file", metavar="PATH", help="file holding guest RAM (opened read-only)")
+    src.add_argument("--pid", type=int, help="process whose memory to serve")
+    src.add_argument("--address", type=str, metavar="ADDR", help="start address in that process (0x... or decimal)")
+    src.add_argument("--length", type=parse_size, metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
+    p.add_argument("--listen", type=_listen_spec, action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+                   help="where to listen (repeatable)")
+    p.add_argument("--export", default="", metavar="NAME",
+                   help='export name (the default export "" is accepted too)')
+    p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
+                   help="freeze gate (see above); default open")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
+    p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
+    p.add_argument("--tls-ca", metavar="F", help="CA that client certificates must be signed by (PEM)")
+    p.add_argument("--tls", choices=("off", "allow", "require"), metavar="off|allow|require",
+                   help="allow or require STARTTLS (default: allow with a certificate, off without)")
+
+
+def _open_source(args):
+    if (args.file is None) == (args.pid is None):
+        raise CommandError("give either --file PATH or --pid PID --address ADDR --length BYTES")
+    try:
+        if args.file is not None:
+            if args.address is not None or args.length is not None:
+                raise CommandError("--address and --length go with --pid, not --file")
+            return FileSource(args.file)
+        if args.address is None or args.length is None:
+            raise CommandError("--pid needs --address ADDR and --length BYTES")
+        try:
+            address = parse_address(args.address)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return ProcessSource(args.pid, address, args.length)
+    except SourceOpenError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _tls_context(args) -> tuple[str, ssl.SSLContext | None]:
+    mode = args.tls or ("allow" if args.tls_cert else "off")
+    if mode == "off":
+        return "none", None
+    if not (args.tls_cert and args.tls_key):
+        raise CommandError(f"--tls {mode} needs --tls-cert and --tls-key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            context.load_verify_locations(args.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load TLS certificate/key/CA: {exc}") from None
+    return mode, context
+
+
+async def _serve(args, source) -> None:
+    tls, context = _tls_context(args)
+    metrics = ServerMetrics(CollectorRegistry())
+    gate = Gate(args.gate == "open", on_open=lambda: metrics.gate_open.set(1))
+    server = PageServer(source, args.export, gate, metrics, tls=tls, tls_context=context)
+    if args.metrics_listen:
+        try:
+            serve_metrics(args.metrics_listen, metrics.registry)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"cannot serve metrics on {args.metrics_listen}: {exc}") from None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, gate.open, "SIGUSR1")
+    watcher = asyncio.ensure_future(watch_qmp(gate, args.gate[4:])) if args.gate.startswith("qmp:") else None
+    try:
+        await run_server(server, args.listen, stop)
+    except OSError as exc:
+        raise CommandError(exc.strerror or str(exc)) from None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    log.info("stopped")
+
+
+def run(args) -> int:
+    source = _open_source(args)
+    try:
+        asyncio.run(_serve(args, source))
+    finally:
+        source.close()
+    return 0

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the source page server (`nbd-postcopy serve`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..common.metrics import LATENCY_BUCKETS
+
+
+class ServerMetrics:
+    """Metrics of the source page server (`nbd-postcopy serve`)."""
+
+    COMMANDS = ("read", "block_status", "cache")
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "nbd_postcopy_server_requests", "NBD requests received, by command", ["command"], registry=r
+        )
+        self.requests_by_command = {c: self.requests.labels(command=c) for c in self.COMMANDS}
+        self.read_bytes = Counter("nbd_postcopy_server_read_bytes", "Bytes served to READ requests", registry=r)
+        self.request_seconds = Histogram(
+            "nbd_postcopy_server_request_seconds",
+            "Time from receiving a request to queueing its reply (includes waiting for the freeze gate)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.clients = Gauge("nbd_postcopy_server_clients", "Connected NBD clients", registry=r)
+        self.gate_open = Gauge("nbd_postcopy_server_gate_open", "1 once the freeze gate is open", registry=r)
+        self.protocol_errors = Counter(
+            "nbd_postcopy_server_protocol_errors", "Connections dropped for breaking the NBD protocol", registry=r
+        )

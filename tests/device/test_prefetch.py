@@ -1,0 +1,150 @@
+"""The prefetch scheduler and rate controller (no threads), and the prefetcher thread on a fake source."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nbd_postcopy.common.units import PAGE_SIZE
+from nbd_postcopy.device.device import Run
+from nbd_postcopy.device.prefetch import DEMAND_QUIET, DEMAND_YIELD, PrefetchScheduler, Prefetcher, RateController
+from tests.device.test_device import make_device, random_image, stage
+
+P = PAGE_SIZE
+
+
+def identity_staged(tmp_path, pages=1024, **kwargs):
+    device, source = make_device(tmp_path, pages=pages, headroom=0, **kwargs)
+    for slot in range(1, pages + 1):
+        device.write(device.codec.page(slot - 1), slot * P)
+    device.arm()
+    return device, source
+
+
+def take(scheduler, device, source, max_runs):
+    """next_runs, then fetch them as the prefetcher would."""
+    runs = scheduler.next_runs(max_runs)
+    if runs:
+        device.fetch(runs, source, "prefetch", 1.0)
+    return runs
+
+
+def test_sweep_covers_everything_in_runs(tmp_path):
+    device, source = identity_staged(tmp_path, pages=300)
+    scheduler = PrefetchScheduler(device, run_pages=64)
+    assert take(scheduler, device, source, 3) == [Run(1, 0, 64), Run(65, 64, 64), Run(129, 128, 64)]
+    assert take(scheduler, device, source, 8) == [Run(193, 192, 64), Run(257, 256, 44)]
+    assert take(scheduler, device, source, 8) == [] and device.complete
+
+
+def test_hints_come_before_the_sweep(tmp_path):
+    device, source = identity_staged(tmp_path)
+    scheduler = PrefetchScheduler(device, run_pages=64, behind=16, ahead=256)
+    scheduler.hint(500)
+    scheduler.hint(800)  # newest first
+    assert take(scheduler, device, source, 4) == [Run(784, 783, 64), Run(848, 847, 64), Run(912, 911, 64), Run(976, 975, 49)]
+    # the 800 neighbourhood is exhausted: then 500's, then the sweep from the start
+    assert take(scheduler, device, source, 5) == [Run(484, 483, 64), Run(548, 547, 64), Run(612, 611, 64), Run(676, 675, 64), Run(740, 739, 16)]
+    assert take(scheduler, device, source, 1) == [Run(1, 0, 64)]
+
+
+def test_runs_skip_local_and_break_at_guest_discontinuities(tmp_path):
+    device, source = make_device(tmp_path, pages=64, headroom=0)
+    stage(device, {1: 10, 2: 11, 3: 12, 4: 40, 5: 41, 7: 3})
+    device.arm()
+    device.read(2 * P, P)  # slot 2 becomes local
+    scheduler = PrefetchScheduler(device)
+    assert scheduler.next_runs(8) == [Run(1, 10, 1), Run(3, 12, 1), Run(4, 40, 2), Run(7, 3, 1)]
+
+
+def test_sweep_wraps_to_pick_up_slots_behind_the_cursor(tmp_path):
+    device, _ = identity_staged(tmp_path, pages=10)
+    scheduler = PrefetchScheduler(device, run_pages=4)
+    assert scheduler.next_runs(1) == [Run(1, 0, 4)]
+    assert scheduler.next_runs(5) == [Run(5, 4, 4), Run(9, 8, 2), Run(1, 0, 4)]
+
+
+def test_rate_controller_backs_off_under_slow_demand_and_recovers():
+    controller = RateController(max_window=8, floor=100e-6, ratio=2.0)
+    assert controller.window == 1 and controller.pause == 0  # ramps up after arming
+    now = 100.0
+    for _ in range(20):  # an idle machine: faults take 200 us
+        now += 0.01
+        controller.on_demand_fault(200e-6, now)
+        controller.after_batch(now)
+    assert controller.window == 8 and controller.pause == 0
+    assert controller.target == pytest.approx(400e-6, rel=0.05)
+    for _ in range(5):  # prefetching made them 1 ms
+        now += 0.01
+        controller.on_demand_fault(1e-3, now)
+        controller.after_batch(now)
+    assert controller.window == 1 and controller.pause > 0
+    for _ in range(20):
+        now += 0.01
+        controller.on_demand_fault(200e-6, now)
+        controller.after_batch(now)
+    assert controller.window == 8 and controller.pause == 0
+    # a slow fault long ago does not hold prefetching back
+    controller.on_demand_fault(1.0, now)
+    controller.after_batch(now + 5)
+    assert controller.window == 8
+
+
+def test_rate_controller_floor():
+    controller = RateController(floor=250e-6, ratio=2.0)
+    for i in range(10):
+        controller.on_demand_fault(50e-6, float(i))  # very fast faults: the floor applies
+        controller.after_batch(float(i))
+    assert controller.target == 250e-6 and controller.window == controller.max_window
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_prefetcher_fetches_everything_then_completes(tmp_path, caplog):
+    pages = 2000
+    device, source = make_device(tmp_path, pages=pages, headroom=1, image=random_image(pages, zero_pages=(7, 8, 9)))
+    for slot in range(1, pages + 1):
+        device.write(device.codec.page(slot - 1), slot * P)
+    prefetch_source = type(source)(source.image)
+    prefetcher = Prefetcher(device, prefetch_source, timeout=5)
+    prefetcher.start()
+    try:
+        time.sleep(0.05)
+        assert prefetch_source.calls == []  # never before arming
+        caplog.set_level("INFO")
+        device.arm()
+        wait_until(lambda: device.complete)
+        calls = len(prefetch_source.calls)
+        stage(device, {pages + 1: 5})  # a page mapped later (after completion) is fetched too
+        wait_until(lambda: device.complete)
+        assert len(prefetch_source.calls) == calls + 1
+    finally:
+        prefetcher.close()
+    assert "all pages are local: the source can be released" in caplog.text
+    assert device.fetched["prefetch"] == pages - 3 + 1  # zero pages were never fetched
+    assert all(len(call) <= 8 and all(length <= 64 * P for _, length in call) for call in prefetch_source.calls)
+    source.down = True
+    assert device.read(P, pages * P) == source.image
+    assert device.read((pages + 1) * P, P) == source.image[5 * P : 6 * P]
+
+
+def test_prefetcher_waits_for_a_gap_in_demand(tmp_path):
+    device, source = identity_staged(tmp_path, pages=64)
+    prefetcher = Prefetcher(device, source, timeout=5)  # not started: its wait is called directly
+    try:
+        with device._lock:
+            device._demand_started_locked()  # a demand fetch in flight, and it never ends: wait DEMAND_YIELD at most
+        started = time.monotonic()
+        assert prefetcher._wait_for_demand_gap() is False
+        assert time.monotonic() - started >= DEMAND_YIELD
+        device._demand_finished()  # it just ended: the guest may fault again at once, so wait a little
+        assert prefetcher._wait_for_demand_gap() is True
+        assert time.monotonic() >= device.last_demand_end + DEMAND_QUIET
+    finally:
+        prefetcher.close()

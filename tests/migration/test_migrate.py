@@ -1,0 +1,203 @@
+"""nbd-postcopy migrate end to end: real QEMU (TCG), real page server, real swap device, real staging."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+
+from nbd_postcopy.migration import migrate as migrate_module
+from nbd_postcopy.testbench.guest import Failure, Heartbeat, PassOk, prepare_guest
+from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
+from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
+from nbd_postcopy.common.qmp import VmError
+from tests.swapdev import processes_mentioning, read_state, run_setup_swap
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    return prepare_guest()
+
+
+def _vm_pair(image, run_dir, mib: int, append: str) -> tuple[Vm, Vm]:
+    source = Vm(image, run_dir, name="src", memory_mib=mib, ram="file", append=append, extra_qmp=1)
+    destination = Vm(image, run_dir, name="dst", memory_mib=mib, ram="ram", incoming=True, append=append, extra_qmp=1)
+    return source, destination
+
+
+def _nothing_left(run_dir) -> None:
+    with open("/proc/swaps") as swaps:
+        assert str(run_dir) not in swaps.read()
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in losetup
+    with open("/proc/mounts") as mounts:
+        assert str(run_dir) not in mounts.read()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in ps, [line for line in ps.splitlines() if str(run_dir) in line]
+
+
+def test_histogram_quantiles():
+    text = "\n".join([
+        "# TYPE x_seconds histogram",
+        'x_seconds_bucket{le="0.001"} 50.0',
+        'x_seconds_bucket{le="0.01"} 99.0',
+        'x_seconds_bucket{le="0.1"} 100.0',
+        'x_seconds_bucket{le="+Inf"} 100.0',
+        "x_seconds_count 100.0",
+        "x_seconds_sum 1.0",
+    ])
+    assert histogram_quantiles(text + "\n", "x_seconds", (0.5, 0.99, 1.0)) == (1.0, 10.0, 100.0)
+    assert histogram_quantiles("", "x_seconds", (0.5,)) == (None,)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=17 memcheck.mode=write"
+    source, destination = _vm_pair(guest_image, run_dir, 256, append)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
+                                        run_dir / "mig", quiet=True))
+        assert report.guest_bytes == 256 * MIB
+        assert report.device_state_bytes < 16 * MIB, "guest RAM must not travel in QEMU's stream"
+        assert report.source_released
+        assert report.pages_demand + report.pages_prefetch > 0
+        source.wait_exit(10)
+
+        after = destination.console.mark()
+        time.sleep(3)  # the guest keeps running on its own for a while after the source is gone
+        passes = destination.console.wait_for(PassOk, count=3, after=after, timeout=60)
+        assert [p.number for p in passes] == list(range(passes[0].number, passes[0].number + 3))
+        assert len(destination.console.events(Heartbeat, after=after)) >= 20
+        beats = merged_heartbeats(source.console, destination.console)
+        assert [b.counter for b in beats] == list(range(beats[0].counter, beats[-1].counter + 1))
+        assert source.console.events(Failure) == [] and destination.console.events(Failure) == []
+        assert destination.qmp.status() == "running"
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_device_killed_before_the_switchover_leaves_the_source_running(guest_image, run_dir, swap_lock,
+                                                                        monkeypatch):
+    real_stage = migrate_module.stage_range
+
+    def stage_then_kill_the_device(*args, **kwargs):
+        report = real_stage(*args, **kwargs)
+        state = (run_dir / "mig" / "swap" / "state").read_text()
+        nbdkit_pid = int(next(line.split("=", 1)[1] for line in state.splitlines()
+                              if line.startswith("nbdkit_pid=")).strip("'\""))
+        os.kill(nbdkit_pid, signal.SIGKILL)
+        return report
+
+    monkeypatch.setattr(migrate_module, "stage_range", stage_then_kill_the_device)
+    append = "memcheck.seed=3"
+    source, destination = _vm_pair(guest_image, run_dir, 128, append)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        with pytest.raises(MigrateError, match="destination device"):
+            migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                   quiet=True))
+        assert source.qmp.status() == "running"
+        source.console.wait_for(PassOk, after=source.console.mark(), timeout=30)
+        assert source.console.events(Failure) == []
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_without_the_freeze_gate_the_checker_sees_stale_pages(guest_image, run_dir, swap_lock, monkeypatch):
+    """The negative control for the gate: serve with --gate open and let the prefetcher run while the
+    source guest still rewrites its memory; the destination guest must then report stale pages (or
+    crash on stale kernel memory)."""
+    real_popen = migrate_module.subprocess.Popen
+    real_switch_over = migrate_module._Migration._switch_over
+
+    def popen_with_the_gate_open(argv, *args, **kwargs):
+        if "serve" in argv:
+            argv = [("open" if a == "closed" else a) for a in argv]
+        return real_popen(argv, *args, **kwargs)
+
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=8 memcheck.mode=write")
+
+    def switch_over_late(self, source_qmp, destination_qmp):
+        # The prefetcher copies all of the running source's RAM; the source guest then rewrites part of
+        # it (a write-mode pass) before the switchover, so the destination surely holds stale pages.
+        deadline = time.monotonic() + 60
+        while not self._device("status").get("complete"):
+            assert time.monotonic() < deadline, "the prefetcher never pulled the running source's RAM"
+            time.sleep(0.2)
+        # memcheck rewrites a slice right after printing OK: the second OK from now follows such a rewrite.
+        source.console.wait_for(PassOk, count=2, after=source.console.mark(), timeout=60)
+        return real_switch_over(self, source_qmp, destination_qmp)
+
+    monkeypatch.setattr(migrate_module.subprocess, "Popen", popen_with_the_gate_open)
+    monkeypatch.setattr(migrate_module._Migration, "_switch_over", switch_over_late)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        try:
+            migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                   quiet=True))
+        except MigrateError as exc:
+            assert "exited after the switchover" in str(exc), exc
+        # Stale memory shows as a FAIL line, a crash (oops=panic ends QEMU) or a guest that stops making
+        # progress; a guest that keeps passing full verifications means the gate made no difference.
+        try:
+            destination.console.wait_for(PassOk, count=2, timeout=60)
+            kept_verifying = True
+        except VmError:
+            kept_verifying = False
+        failures = destination.console.events(Failure)
+        assert failures or not kept_verifying, "without the gate the guest still verified its memory:\n" + \
+            destination.console.tail()
+        assert all(f.line.startswith("FAIL ") for f in failures)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_source_goes_before_completion_and_a_failure_then_keeps_the_device(guest_image, run_dir, swap_lock,
+                                                                              monkeypatch):
+    """Once every page is local the source is released, then completion runs; if completion then
+    fails, the swap device stays attached holding every page, and the detach command the error gives
+    finishes the job."""
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=5")
+    source_gone_at_completion = []
+
+    def completion_that_fails(*args, **kwargs):
+        try:
+            source.process.wait(5)
+            source_gone_at_completion.append(True)
+        except subprocess.TimeoutExpired:
+            source_gone_at_completion.append(False)
+        raise OSError("completion failed on purpose")
+
+    monkeypatch.setattr(migrate_module, "complete_range", completion_that_fails)
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        try:
+            with pytest.raises(MigrateError, match="after the source was released") as failed:
+                migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                       quiet=True))
+            assert source_gone_at_completion == [True]
+            # The guest runs on, its memory served by the device alone.
+            destination.console.wait_for(PassOk, count=2, after=destination.console.mark(), timeout=60)
+            retry = shlex.split(str(failed.value).split("retry with '", 1)[1].split("'", 1)[0])
+            result = subprocess.run(retry, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            destination.console.wait_for(PassOk, after=destination.console.mark(), timeout=60)
+            assert destination.console.events(Failure) == []
+        finally:  # whatever happened above: no device and no page server outlive the test
+            state_dir = run_dir / "mig" / "swap"
+            if state_dir.exists():
+                run_setup_swap("detach", read_state(state_dir)["name"], "--no-complete")
+            for pid in processes_mentioning(str(run_dir / "mig" / "source.sock")):
+                os.kill(pid, signal.SIGTERM)
+    _nothing_left(run_dir)

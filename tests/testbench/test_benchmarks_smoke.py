@@ -1,0 +1,55 @@
+"""Keep the benchmarks runnable: each runs once with tiny sizes (the numbers are not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_bench_server_smoke(run_dir: Path):
+    argv = [sys.executable, BENCHMARKS / "bench_server.py", "--size-mib", "8", "--samples", "50", "--copies", "1", "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| nbd-postcopy | unix |" in (run_dir / "server.md").read_text()
+    assert (run_dir / "server.csv").exists() and (run_dir / "server-ratios.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bench_staging_smoke(run_dir: Path):
+    # No swap_lock fixture here: the benchmark takes the same lock itself.
+    argv = [sys.executable, BENCHMARKS / "bench_staging.py", "--sizes", "16", "--transport-mib", "16", "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| nbdkit memory (C) | 16 |" in (run_dir / "staging.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bench_migrate_smoke(run_dir: Path):
+    # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
+    argv = [sys.executable, BENCHMARKS / "bench_migrate.py", "--sizes", "128", "--workloads", "idle", "--settle", "0.5",
+            "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "migrate.md").read_text()
+    assert "FAILED" not in table, table
+    for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
+        assert f"| {method} | 128 | idle |" in table
+
+
+@pytest.mark.slow
+def test_bench_device_smoke(run_dir: Path):
+    argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "16", "--reads", "20", "--rss-sizes", "16,32",
+            "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "device.md").read_text()
+    for row in ("nbdkit memory (C)", "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python", "postcopy, prefetch off"):
+        assert f"| {row} |" in table
