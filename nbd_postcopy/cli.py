@@ -23,6 +23,7 @@ COMMANDS = {
     "complete": "nbd_postcopy.host.complete_cli",
     "migrate": "nbd_postcopy.migration.cli",
     "demo": "nbd_postcopy.testbench.demo",
+    "plugin-path": "nbd_postcopy.device.cli",
 }
 
 
