@@ -52,10 +52,9 @@ printf '%s\n' "$repo" > "$site/nbd-postcopy.pth"
     || { say "nbdkit's Python (/usr/bin/python3) cannot import nbd_postcopy and its dependencies"; exit 1; }
 "$venv/bin/python" -c 'import nbd_postcopy, construct, prometheus_client, pyroute2, nbd, qemu.qmp' \
     || { say "the nbd-postcopy venv cannot import its dependencies"; exit 1; }
-if [ -f "$repo/plugin/postcopy.py" ]; then
-    nbdkit python "$repo/plugin/postcopy.py" --dump-plugin >/dev/null \
-        || { say "nbdkit cannot load plugin/postcopy.py"; exit 1; }
-fi
+plugin=$("$venv/bin/nbd-postcopy" plugin-path)
+nbdkit python "$plugin" --dump-plugin >/dev/null \
+    || { say "nbdkit cannot load the plugin $plugin"; exit 1; }
 say "ready: $(nbd-postcopy --version)"
 
 case "${1:-}" in
