@@ -1,8 +1,9 @@
 """A dedicated memory cgroup for the target process, so its swap cache can be purged on its own.
 
-Why (DESIGN.md): reclaiming a memcg drops the clean swap-cache pages charged to it, which makes every
-later touch a real swap-in. Charges do not move with a task here, so the target must be moved into the
-memcg BEFORE its pages are written. Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`)
+Why (docs/DESIGN.md, "Dedicated memcg before the markers"): reclaiming a memcg drops the clean
+swap-cache pages charged to it, which makes every later touch a real swap-in. Charges do not move with
+a task here, so the target must be moved into the memcg BEFORE its pages are written.
+Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`)
 and, where the memory controller is on cgroup v2, `memory.reclaim` (not tested on this machine, which
 has the memory controller on v1).
 """

@@ -1,6 +1,6 @@
 """Staging: make a live process's anonymous range "swapped out to the postcopy device".
 
-`stage_range()` does, in order (DESIGN.md piece 3 and "Checked on this machine kind"):
+`stage_range()` does, in order (docs/DESIGN.md, "Integrity hazards and their guards"):
 
 1. validate the target, the range, the swap device (active, free slots, highest priority) and zswap;
 2. move the target into a dedicated memcg, BEFORE any page is written (charges do not move here);

@@ -1,4 +1,4 @@
-"""Live-migrate a running QEMU VM with nbd-postcopy (DESIGN.md piece 6).
+"""Live-migrate a running QEMU VM with nbd-postcopy (docs/DESIGN.md, "Architecture").
 
 QEMU's own migration stream carries device state only (capability x-ignore-shared: the source's RAM is
 on a shared backend), and the destination's RAM arrives through kernel swap:
