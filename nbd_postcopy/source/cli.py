@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import ssl
+import uuid
 
 from prometheus_client import CollectorRegistry
 
@@ -15,6 +16,7 @@ from ..common.command import CommandError
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
 from ..common.metrics import serve_metrics
+from ..nbd.protocol import ProtocolError, check_instance_id
 from .server import PageServer, parse_listen, run_server
 from .sources import FileSource, ProcessSource, SourceOpenError, parse_address
 
@@ -37,6 +39,12 @@ The gate never closes again once open. Its opening is logged.
 TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
 --tls require refuses it with NBD_REP_ERR_TLS_REQD). With --tls-ca, clients must present a
 certificate signed by that CA.
+
+Identity: every server process reports an instance id to clients that ask for it (the meta context
+x-nbd-postcopy:instance=ID in NBD_OPT_LIST_META_CONTEXT). The destination device learns it on its first
+connection and refuses, on every reconnect, a server with another id: a different server on the same
+address never hands the guest its pages. The id is random per process; a server restarted on purpose on
+the SAME frozen RAM takes the old one with --instance-id (the log and nbdinfo show it).
 
 SIGINT or SIGTERM stops the server cleanly (listeners closed, Unix sockets removed, exit 0).
 
@@ -66,6 +74,14 @@ def _listen_spec(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _instance_id(text: str) -> str:
+    try:
+        check_instance_id(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _gate_spec(text: str) -> str:
     if text in ("open", "closed") or (text.startswith("qmp:") and len(text) > 4):
         return text
@@ -84,6 +100,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
                    help="freeze gate (see above); default open")
+    p.add_argument("--instance-id", type=_instance_id, metavar="ID",
+                   help="this server's identity reported to clients (default: random per process; reuse the old "
+                        "one only for a server restarted on the same frozen RAM)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
@@ -132,7 +151,8 @@ async def _serve(args, source) -> None:
     tls, context = _tls_context(args)
     metrics = ServerMetrics(CollectorRegistry())
     gate = Gate(args.gate == "open", on_open=lambda: metrics.gate_open.set(1))
-    server = PageServer(source, args.export, gate, metrics, tls=tls, tls_context=context)
+    instance = args.instance_id or uuid.uuid4().hex
+    server = PageServer(source, args.export, gate, metrics, tls=tls, tls_context=context, instance=instance)
     if args.metrics_listen:
         try:
             serve_metrics(args.metrics_listen, metrics.registry)

@@ -74,11 +74,11 @@ def parse_listen(spec: str) -> ListenAddress:
 
 class PageServer:
     def __init__(self, source: Source, export_name: str, gate: Gate, metrics: ServerMetrics,
-                 tls: str = "none", tls_context: ssl.SSLContext | None = None):
+                 tls: str = "none", tls_context: ssl.SSLContext | None = None, instance: str = ""):
         if tls != "none" and tls_context is None:
             raise ValueError("TLS needs a certificate and key")
         self.source = source
-        self.export = ExportInfo(export_name, source.size, description=source.description)
+        self.export = ExportInfo(export_name, source.size, description=source.description, instance=instance)
         self.gate = gate
         self.metrics = metrics
         self.tls = tls
@@ -105,8 +105,8 @@ class PageServer:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from exc
         self._servers.append(server)
-        log.info("serving %s (%d bytes) as export %r on %s", self.source.description, self.source.size,
-                 self.export.name, address)
+        log.info("serving %s (%d bytes) as export %r on %s, instance id %s", self.source.description,
+                 self.source.size, self.export.name, address, self.export.instance or "(none)")
 
     async def close(self) -> None:
         for server in self._servers:
