@@ -375,6 +375,11 @@ class _Connection:
         elif self.state is not State.CLOSED:
             self._buf += data
 
+    @property
+    def mid_message(self) -> bool:
+        """Part of a message has arrived and the rest has not (or a WRITE payload is still being skipped)."""
+        return bool(self._buf) or bool(self._discard)
+
     def data_to_send(self) -> bytes:
         """Bytes the core produced by itself (handshake answers, rejections); empty if none."""
         out = bytes(self._out)

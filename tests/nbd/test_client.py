@@ -354,6 +354,7 @@ def test_clients_sharing_an_identity_agree_on_one_source(processes, run_dir, ima
     first = SourceClient(f"nbd+unix:///ram?socket={sock}", identity=identity)
     try:
         kill(proc)
+        sock.unlink()  # so that waiting for the socket waits for the new server
         start_server(processes, run_dir, "nbd-postcopy", path)  # the same image, but another process
         with pytest.raises(SourceUnavailable, match="not the same source"):
             SourceClient(f"nbd+unix:///ram?socket={sock}", identity=identity, connect_timeout=0.5)
