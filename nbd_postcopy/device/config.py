@@ -13,6 +13,7 @@ from . import swapheader
 from .device import DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT
 from .markers import KeyFileError, load_key
 from ..common.metrics import parse_listen
+from ..nbd.protocol import ProtocolError, check_instance_id
 from ..nbd.uri import parse_nbd_uri
 
 KEYS = {
@@ -30,6 +31,8 @@ KEYS = {
     "armed": "yes|no: fetch from the source from the start instead of waiting for 'arm' (default no)",
     "label": "swap label, at most 16 bytes",
     "uuid": "swap UUID (default random)",
+    "source-id": "instance id the source must report (nbd-postcopy serve --instance-id); default: learned on the "
+    "first connection. Either way a reconnect to a server with another id is refused",
 }
 REQUIRED = ("source", "key")
 
@@ -56,6 +59,7 @@ class PluginConfig:
     armed: bool = False
     label: str = ""
     uuid: uuid_module.UUID | None = None
+    source_id: str | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -113,6 +117,12 @@ class PluginConfig:
             self.label = value
         elif key == "uuid":
             self.uuid = uuid_module.UUID(value)
+        elif key == "source-id":
+            try:
+                check_instance_id(value)
+            except ProtocolError as exc:
+                raise ValueError(str(exc)) from None
+            self.source_id = value
 
     def check_complete(self) -> None:
         missing = [key for key in REQUIRED if key not in self.seen]

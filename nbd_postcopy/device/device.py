@@ -268,6 +268,7 @@ class Device:
         self.armed_event = threading.Event()
         self.anomalies = 0
         self.source_errors = 0
+        self.source_refusals = 0  # connections refused: a server that is not the same source
         self.fetched = {"demand": 0, "prefetch": 0}
         self.demand_source: PageSource | None = None
         self.demand_idle = threading.Event()  # set while no demand fetch is in flight
@@ -300,6 +301,7 @@ class Device:
                 "anomalies": self.anomalies,
                 "source_connected": self.source_connected,
                 "source_errors": self.source_errors,
+                "source_refusals": self.source_refusals,
                 "fetched_demand": self.fetched["demand"],
                 "fetched_prefetch": self.fetched["prefetch"],
             }
@@ -333,6 +335,12 @@ class Device:
             log.info("source connection is up (%s)", reason)
         else:
             log.warning("source connection is down (%s); reads wait up to %gs for it", reason, self.timeout)
+
+    def on_source_refused(self, reason: str) -> None:
+        """SourceIdentity's callback: a connection reached a server that is not the same source."""
+        with self._lock:
+            self.source_refusals += 1
+        self.metrics.source_refusals.inc()
 
     def close(self) -> None:
         self._store.close()

@@ -29,6 +29,10 @@ class DeviceMetrics:
             "nbd_postcopy_source_errors", "Fetches that failed (source unavailable past the timeout, or an NBD error)",
             registry=r,
         )
+        self.source_refusals = Counter(
+            "nbd_postcopy_source_refusals", "Connections refused because the server is not the same source "
+            "(another instance id or TLS certificate)", registry=r,
+        )
         self.pages_mapped = Gauge("nbd_postcopy_pages_mapped", "Slots that hold a guest page", registry=r)
         self.pages_remaining = Gauge(
             "nbd_postcopy_pages_remaining", "Mapped pages not yet local (still needed from the source)", registry=r

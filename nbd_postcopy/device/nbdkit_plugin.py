@@ -34,7 +34,7 @@ import nbdkit  # noqa: E402
 
 from nbd_postcopy.common.units import PAGE_SIZE  # noqa: E402
 from nbd_postcopy.device import config as plugin_config  # noqa: E402
-from nbd_postcopy.nbd.client import SourceClient  # noqa: E402
+from nbd_postcopy.nbd.client import SourceClient, SourceIdentity  # noqa: E402
 from nbd_postcopy.device.control import ControlServer  # noqa: E402
 from nbd_postcopy.device.device import Device, DeviceIOError  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
@@ -113,14 +113,16 @@ def after_fork():
 def _start_services():
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     connect_timeout = min(STARTUP_CONNECT_TIMEOUT, _config.timeout)
-    demand = SourceClient(_config.source, name="demand", connect_timeout=connect_timeout, on_state=_device.on_source_state)
+    identity = SourceIdentity(_config.source_id, on_refused=_device.on_source_refused)
+    demand = SourceClient(_config.source, name="demand", connect_timeout=connect_timeout,
+                          on_state=_device.on_source_state, identity=identity)
     _services.append(demand)
     if demand.size < _device.pages * PAGE_SIZE:
         raise RuntimeError(f"the source {_config.source} holds {demand.size} bytes, less than pages={_device.pages}")
     _device.demand_source = demand
     _device.source_connected = demand.connected
     if _config.prefetch:
-        source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout)
+        source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity)
         prefetcher = Prefetcher(_device, source, timeout=_config.timeout)
         _services.append(prefetcher)
         prefetcher.start()

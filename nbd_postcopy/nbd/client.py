@@ -7,6 +7,11 @@ request costs no thread switch), otherwise by whoever reads, or by the reader th
 that were reading have left. The reader thread also notices a connection lost while idle, reconnects
 with exponential backoff and re-sends every request still waiting; callers wait up to their own
 timeout and then get `SourceUnavailable`.
+
+Every connection must reach the same source: a `SourceIdentity`, shared by all clients of one device,
+learns the server's instance id (and, over TLS, its certificate) on the first connection, or takes a
+pinned id, and refuses any later connection to a server that differs (docs/DESIGN.md, "Source
+identity"). A refused connection is dropped before any request goes out on it, so its data is never read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import select
 import socket
 import ssl
 import struct
+import hashlib
 import threading
 import time
 from typing import Callable
@@ -61,6 +67,71 @@ class SourceError(Exception):
         self.message = message
 
 
+class IdentityMismatch(ProtocolError):
+    """A server answered that is not the source this device first reached (or was pinned to)."""
+
+
+REFUSAL_LOG_INTERVAL = 30.0  # seconds between repeated log lines about the same refused server
+
+
+class SourceIdentity:
+    """Who the source is: its instance id and, over TLS, its certificate's SHA-256.
+
+    Learned from the first connection that completes a handshake (or `instance` is pinned from the
+    start), then required of every later one. `check()` raises IdentityMismatch for another server.
+    Thread-safe: the demand and prefetch clients of one device share one.
+    """
+
+    def __init__(self, instance: str | None = None, on_refused: Callable[[str], None] | None = None):
+        self._lock = threading.Lock()
+        self.pinned = instance is not None
+        self.instance = instance
+        self.certificate: str | None = None
+        self._known = self.pinned  # the instance id is settled
+        self._certificate_known = False
+        self._on_refused = on_refused
+        self.refusals = 0
+        self._last_log = -REFUSAL_LOG_INTERVAL
+
+    def check(self, instance: str | None, certificate: str | None, uri: str) -> None:
+        with self._lock:
+            if not self._known:
+                self.instance, self._known = instance, True
+                if instance is None:
+                    log.warning("the source %s reports no instance id (it is not nbd-postcopy serve): after a "
+                                "reconnect, a different server of the same size would not be recognised", uri)
+                else:
+                    log.info("the source %s is instance %s", uri, instance)
+            if not self._certificate_known:
+                self.certificate, self._certificate_known = certificate, True
+            problems = []
+            if instance != self.instance:
+                problems.append(f"instance id {instance or '(none)'}, expected {self.instance or '(none)'}")
+            if certificate != self.certificate:
+                problems.append("another TLS certificate")
+            if not problems:
+                return
+            self.refusals += 1
+            now = time.monotonic()
+            quiet = now - self._last_log < REFUSAL_LOG_INTERVAL
+            if not quiet:
+                self._last_log = now
+        reason = f"{uri} is not the same source ({'; '.join(problems)}): refused, nothing read from it"
+        if not quiet:
+            log.error("%s (refusal %d; repeats are logged every %gs)", reason, self.refusals, REFUSAL_LOG_INTERVAL)
+        if self._on_refused is not None:
+            self._on_refused(reason)
+        raise IdentityMismatch(reason)
+
+
+def peer_certificate_digest(sock: socket.socket) -> str | None:
+    """SHA-256 (hex) of the TLS peer's certificate; None on a plain socket."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else None
+
+
 class _Request:
     __slots__ = ("command", "offset", "length", "into", "done", "result", "error", "_pending")
 
@@ -99,8 +170,9 @@ class _Link:
 
 class SourceClient:
     def __init__(self, uri: str, *, name: str = "source", connect_timeout: float = 5.0,
-                 on_state: Callable[[bool, str], None] | None = None):
+                 on_state: Callable[[bool, str], None] | None = None, identity: SourceIdentity | None = None):
         self.address: NbdAddress = parse_nbd_uri(uri)
+        self.identity = identity if identity is not None else SourceIdentity()
         self.uri = uri
         self.name = name
         self.connect_timeout = connect_timeout
@@ -307,8 +379,9 @@ class SourceClient:
         sock.settimeout(self.connect_timeout)
         try:
             sock.connect(target)
-            conn = ClientConnection(address.export, tls=address.tls)
+            conn = ClientConnection(address.export, tls=address.tls, identify=True)
             sock, ready = self._handshake(sock, conn)
+            self.identity.check(ready.instance, peer_certificate_digest(sock), self.uri)
         except BaseException:
             sock.close()
             raise
@@ -479,6 +552,8 @@ class SourceClient:
             link = self._connect()
         except OSError as exc:  # the source is still away: keep trying quietly
             log.debug("%s: reconnecting to %s failed: %s", self.name, self.uri, exc)
+            return None
+        except IdentityMismatch:  # another server: the identity has logged it (rate-limited)
             return None
         except ProtocolError as exc:  # something answers, but not the source we had
             log.error("%s: reconnecting to %s failed: %s", self.name, self.uri, exc)

@@ -48,6 +48,11 @@ MAX_EXTENTS = 8192  # block status descriptors in one reply
 MAX_META_QUERIES = 256
 PAGE = 4096
 BASE_ALLOCATION_ID = 1  # the context id the server gives base:allocation
+# A page server's instance identity travels as a meta context name that NBD_OPT_LIST_META_CONTEXT reports
+# (never selected for block status): "x-nbd-postcopy:instance=ID". See docs/DESIGN.md, "Source identity".
+IDENTITY_NAMESPACE = "x-nbd-postcopy:"
+IDENTITY_PREFIX = IDENTITY_NAMESPACE + "instance="
+MAX_INSTANCE_ID = 128
 _U64_MAX = (1 << 64) - 1
 _OFFSET_MAX = (1 << 63) - 1
 _ZERO_BLOCK = bytes(64 * 1024)
@@ -102,6 +107,14 @@ def _check_range(offset: int, length: int, max_length: int = (1 << 32) - 1) -> N
         raise LocalProtocolError(f"length {length} must be between 1 and {max_length}")
 
 
+def check_instance_id(instance: str) -> None:
+    """An instance id: 1..128 characters from [A-Za-z0-9._-]."""
+    if not 0 < len(instance) <= MAX_INSTANCE_ID or not all(c.isascii() and (c.isalnum() or c in "._-")
+                                                             for c in instance):
+        raise LocalProtocolError(f"instance id {instance!r:.60}: want 1..{MAX_INSTANCE_ID} characters from "
+                                 "A-Z a-z 0-9 . _ -")
+
+
 def _check_handle(handle: int) -> None:
     if not 0 <= handle <= _U64_MAX:
         raise LocalProtocolError(f"handle {handle} is not a 64-bit value")
@@ -117,10 +130,13 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = PAGE
     max_block: int = MAX_BLOCK
+    instance: str = ""  # the serving process's identity, "" for none
 
     def __post_init__(self):
         _check_string("export name", self.name)
         _check_string("export description", self.description)
+        if self.instance:
+            check_instance_id(self.instance)
         if not 0 <= self.size <= _OFFSET_MAX:
             raise LocalProtocolError(f"export size {self.size} out of range")
         if not 1 <= self.min_block <= self.preferred_block <= self.max_block <= MAX_BLOCK:
@@ -271,6 +287,7 @@ class Ready(Event):
     max_block: int
     structured_replies: bool
     base_allocation: bool
+    instance: str | None = None  # the server's instance identity, if it reports one
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +374,11 @@ class _Connection:
             self._eof = True
         elif self.state is not State.CLOSED:
             self._buf += data
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a message has arrived and the rest has not (or a WRITE payload is still being skipped)."""
+        return bool(self._buf) or bool(self._discard)
 
     def data_to_send(self) -> bytes:
         """Bytes the core produced by itself (handshake answers, rejections); empty if none."""
@@ -612,6 +634,11 @@ class ServerConnection(_Connection):
         if match:
             self._reply(option, Reply.META_CONTEXT,
                         wire.MetaContextReply.build(dict(context_id=BASE_ALLOCATION_ID, name=BASE_ALLOCATION)))
+        if option == Option.LIST_META_CONTEXT and export.instance and (
+                not queries or any(q in (IDENTITY_NAMESPACE, IDENTITY_PREFIX, IDENTITY_PREFIX + export.instance)
+                                for q in queries)):
+            self._reply(option, Reply.META_CONTEXT,
+                        wire.MetaContextReply.build(dict(context_id=0, name=IDENTITY_PREFIX + export.instance)))
         if option == Option.SET_META_CONTEXT:
             self._meta_export = export.name
             self._base_allocation = match
@@ -849,7 +876,7 @@ class ClientConnection(_Connection):
     _transitions = CLIENT_TRANSITIONS
 
     def __init__(self, export_name: str, structured_replies: bool = True, tls: bool = False,
-                 meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)):
+                 meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,), identify: bool = False):
         super().__init__()
         _check_string("export name", export_name)
         for name in meta_contexts:
@@ -858,6 +885,8 @@ class ClientConnection(_Connection):
         self.want_structured = structured_replies
         self.want_tls = tls
         self.meta_contexts = tuple(meta_contexts)
+        self.identify = identify  # ask the server for its instance identity (NBD_OPT_LIST_META_CONTEXT)
+        self.instance: str | None = None
         self.structured_replies = False
         self.ready: Ready | None = None
         self._option: int | None = None  # the option whose replies we are waiting for
@@ -896,6 +925,8 @@ class ClientConnection(_Connection):
         self._out += U32.pack(flags)
         self._transition(_Greeted)
         self._plan = [Option.STARTTLS] if self.want_tls else []
+        if self.identify:
+            self._plan.append(Option.LIST_META_CONTEXT)
         if self.want_structured:
             self._plan.append(Option.STRUCTURED_REPLY)
             if self.meta_contexts:
@@ -917,11 +948,14 @@ class ClientConnection(_Connection):
         self._out += wire.OptionRequestHeader.build(dict(option=option, length=len(data))) + data
 
     def _send_next_option(self) -> None:
-        """Negotiate in order: STARTTLS, STRUCTURED_REPLY, SET_META_CONTEXT (if structured), GO."""
+        """Negotiate in order: STARTTLS, LIST_META_CONTEXT (identity), STRUCTURED_REPLY, SET_META_CONTEXT (if
+        structured), GO."""
         option = self._plan.pop(0)
         if option == Option.SET_META_CONTEXT and not self.structured_replies:
             option = self._plan.pop(0)
-        if option == Option.SET_META_CONTEXT:
+        if option == Option.LIST_META_CONTEXT:
+            data = wire.MetaContextRequest.build(dict(name=self.export_name, queries=[IDENTITY_PREFIX]))
+        elif option == Option.SET_META_CONTEXT:
             data = wire.MetaContextRequest.build(dict(name=self.export_name, queries=list(self.meta_contexts)))
         elif option == Option.GO:
             data = wire.InfoRequest.build(dict(name=self.export_name, requests=[Info.BLOCK_SIZE]))
@@ -954,8 +988,8 @@ class ClientConnection(_Connection):
 
     def _option_failed(self, option: int, reply: int, payload: bytes):
         message = payload.decode("utf-8", "replace")
-        if option == Option.STRUCTURED_REPLY or option == Option.SET_META_CONTEXT:
-            self._send_next_option()  # both are optional: carry on without them
+        if option in (Option.STRUCTURED_REPLY, Option.SET_META_CONTEXT, Option.LIST_META_CONTEXT):
+            self._send_next_option()  # all optional: carry on without them
             return None
         try:
             reply_name = f"NBD_REP_{Reply(reply).name}"
@@ -977,6 +1011,24 @@ class ClientConnection(_Connection):
                 raise RemoteProtocolError("unexpected reply to NBD_OPT_STRUCTURED_REPLY")
             self.structured_replies = True
             self._send_next_option()
+            return None
+        if option == Option.LIST_META_CONTEXT:
+            if reply == Reply.META_CONTEXT:
+                name = wire.MetaContextReply.parse(payload).name
+                if name.startswith(IDENTITY_PREFIX):
+                    instance = name.removeprefix(IDENTITY_PREFIX)
+                    try:
+                        check_instance_id(instance)
+                    except LocalProtocolError:
+                        raise RemoteProtocolError(f"the server reported a malformed instance id {instance!r:.60}"
+                                                  ) from None
+                    if self.instance is not None and self.instance != instance:
+                        raise RemoteProtocolError("the server reported two different instance ids")
+                    self.instance = instance
+            elif reply == Reply.ACK:
+                self._send_next_option()
+            else:
+                raise RemoteProtocolError(f"unexpected reply type {reply} to NBD_OPT_LIST_META_CONTEXT")
             return None
         if option == Option.SET_META_CONTEXT:
             if reply == Reply.META_CONTEXT:
@@ -1003,6 +1055,7 @@ class ClientConnection(_Connection):
             max_block=min(self._info.get("maximum", MAX_BLOCK), MAX_BLOCK),
             structured_replies=self.structured_replies,
             base_allocation=BASE_ALLOCATION in self._context_ids.values(),
+            instance=self.instance,
         )
         self._transition(Ready)
         return self.ready

@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import ssl
+import uuid
 
 from prometheus_client import CollectorRegistry
 
@@ -15,7 +16,15 @@ from ..common.command import CommandError
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
 from ..common.metrics import serve_metrics
-from .server import PageServer, parse_listen, run_server
+from ..nbd.protocol import ProtocolError, check_instance_id
+from .server import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    PageServer,
+    parse_listen,
+    run_server,
+)
 from .sources import FileSource, ProcessSource, SourceOpenError, parse_address
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,20 @@ The gate never closes again once open. Its opening is logged.
 TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
 --tls require refuses it with NBD_REP_ERR_TLS_REQD). With --tls-ca, clients must present a
 certificate signed by that CA.
+
+Identity: every server process reports an instance id to clients that ask for it (the meta context
+x-nbd-postcopy:instance=ID in NBD_OPT_LIST_META_CONTEXT). The destination device learns it on its first
+connection and refuses, on every reconnect, a server with another id: a different server on the same
+address never hands the guest its pages. The id is random per process; a server restarted on purpose on
+the SAME frozen RAM takes the old one with --instance-id (the log and nbdinfo show it).
+
+Limits: at most --max-connections clients (default 64; more are closed at once); a client must finish
+the handshake, and any request it starts, within --handshake-timeout seconds (default 10); a connection
+without a request for --idle-timeout seconds is closed (default 3600; 0: never; clients reconnect). One
+connection holds at most 16 MiB of unsent replies (or one reply, up to 32 MiB): a client that does not
+read its replies gets no more answers until it does. So unsent replies never take more than
+max-connections x 32 MiB in total. Each limit is counted in nbd_postcopy_server_connections_refused_total
+and logged at most every 10 s.
 
 SIGINT or SIGTERM stops the server cleanly (listeners closed, Unix sockets removed, exit 0).
 
@@ -66,6 +89,30 @@ def _listen_spec(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"want a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"want a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _instance_id(text: str) -> str:
+    try:
+        check_instance_id(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _gate_spec(text: str) -> str:
     if text in ("open", "closed") or (text.startswith("qmp:") and len(text) > 4):
         return text
@@ -84,6 +131,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
                    help="freeze gate (see above); default open")
+    p.add_argument("--instance-id", type=_instance_id, metavar="ID",
+                   help="this server's identity reported to clients (default: random per process; reuse the old "
+                        "one only for a server restarted on the same frozen RAM)")
+    p.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help=f"clients served at once; more are closed at once (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="S",
+                   help="seconds a client has for the handshake, and for each request it starts "
+                        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="S",
+                   help=f"close a connection with no request for S seconds; 0: never (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
@@ -132,7 +189,10 @@ async def _serve(args, source) -> None:
     tls, context = _tls_context(args)
     metrics = ServerMetrics(CollectorRegistry())
     gate = Gate(args.gate == "open", on_open=lambda: metrics.gate_open.set(1))
-    server = PageServer(source, args.export, gate, metrics, tls=tls, tls_context=context)
+    instance = args.instance_id or uuid.uuid4().hex
+    server = PageServer(source, args.export, gate, metrics, tls=tls, tls_context=context, instance=instance,
+                        max_connections=args.max_connections, handshake_timeout=args.handshake_timeout or 1e9,
+                        idle_timeout=args.idle_timeout)
     if args.metrics_listen:
         try:
             serve_metrics(args.metrics_listen, metrics.registry)

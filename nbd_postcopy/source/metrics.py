@@ -11,6 +11,7 @@ class ServerMetrics:
     """Metrics of the source page server (`nbd-postcopy serve`)."""
 
     COMMANDS = ("read", "block_status", "cache")
+    REFUSALS = ("limit", "handshake_timeout", "incomplete_request", "idle_timeout")
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry if registry is not None else CollectorRegistry()
@@ -26,6 +27,14 @@ class ServerMetrics:
         )
         self.clients = Gauge("nbd_postcopy_server_clients", "Connected NBD clients", registry=r)
         self.gate_open = Gauge("nbd_postcopy_server_gate_open", "1 once the freeze gate is open", registry=r)
+        self.refused_connections = Counter(
+            "nbd_postcopy_server_connections_refused", "Connections closed for breaking a limit, by reason",
+            ["reason"], registry=r,
+        )
+        self.refused = {reason: self.refused_connections.labels(reason=reason) for reason in self.REFUSALS}
+        self.backlog_bytes = Gauge(
+            "nbd_postcopy_server_backlog_bytes", "Reply bytes accepted but not yet sent, all connections", registry=r
+        )
         self.protocol_errors = Counter(
             "nbd_postcopy_server_protocol_errors", "Connections dropped for breaking the NBD protocol", registry=r
         )

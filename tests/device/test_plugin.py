@@ -28,6 +28,7 @@ from tests.servers import free_tcp_port, serve, stop, write_image
 P = PAGE_SIZE
 PAGES = 1024  # a 4 MiB guest
 ZERO_RANGE = (100 * P, 20 * P)  # guest pages 100..119 are a hole in the source image
+SAME_SOURCE = ("--instance-id", "source-1")  # a page server restarted on the same RAM keeps its identity
 
 
 @pytest.fixture
@@ -176,7 +177,7 @@ def test_prefetcher_makes_everything_local(processes, run_dir, source, image, ke
 
 
 def test_reads_wait_for_the_source_to_come_back(processes, run_dir, image, key_file):
-    with serve("nbd-postcopy", run_dir, image=image) as server:
+    with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE) as server:
         uri = server.uri("unix")
         plugin = Plugin(processes, run_dir, uri, key_file, "prefetch=off", "timeout=30")
         handle = plugin.connect()
@@ -188,7 +189,7 @@ def test_reads_wait_for_the_source_to_come_back(processes, run_dir, image, key_f
     reader.start()
     time.sleep(1.0)
     assert reader.is_alive()  # waiting, not failing
-    with serve("nbd-postcopy", run_dir, image=image):
+    with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE):
         reader.join(20)
         assert result["data"] == image.read_bytes()[10 * P : 12 * P]
         assert plugin.status()["source_connected"]
@@ -198,7 +199,7 @@ def test_reads_wait_for_the_source_to_come_back(processes, run_dir, image, key_f
 
 
 def test_source_down_past_the_timeout_is_eio(processes, run_dir, image, key_file):
-    with serve("nbd-postcopy", run_dir, image=image) as server:
+    with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE) as server:
         plugin = Plugin(processes, run_dir, server.uri("unix"), key_file, "prefetch=off", "timeout=1", "armed=yes")
         handle = plugin.connect()
         stage(plugin, handle, {1: 10})
@@ -209,10 +210,51 @@ def test_source_down_past_the_timeout_is_eio(processes, run_dir, image, key_file
     assert 0.9 < time.monotonic() - started < 10
     assert plugin.status()["source_errors"] == 1
     assert "demand fetch of 1 pages (guest pages 10..) failed: SourceUnavailable" in plugin.log_text()
-    with serve("nbd-postcopy", run_dir, image=image):
+    with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE):
         wait_until(lambda: plugin.status()["source_connected"], what="reconnect")
         assert handle.pread(P, P) == image.read_bytes()[10 * P : 11 * P]
     handle.shutdown()
+
+
+def test_a_restarted_source_with_another_image_is_refused_and_never_read(processes, run_dir, image, key_file):
+    """Another machine's RAM of the same size, served at the same address: the device refuses it (logged,
+    counted), the read waits and fails with EIO at the timeout, and not one byte is read from it."""
+    other = run_dir / "other.img"
+    other.write_bytes(bytes(reversed(image.read_bytes())))
+    with serve("nbd-postcopy", run_dir, image=image) as server:
+        plugin = Plugin(processes, run_dir, server.uri("unix"), key_file, "prefetch=off", "timeout=3", "armed=yes")
+        handle = plugin.connect()
+        stage(plugin, handle, {1: 10, 2: 11})
+        assert handle.pread(P, P) == image.read_bytes()[10 * P : 11 * P]
+    wait_until(lambda: not plugin.status()["source_connected"], what="source down")
+    port = free_tcp_port()
+    with serve("nbd-postcopy", run_dir, image=other, extra=("--metrics-listen", f"127.0.0.1:{port}")):
+        with pytest.raises(nbd.Error) as failure:
+            handle.pread(P, 2 * P)
+        assert failure.value.errnum == errno.EIO
+        status = plugin.status()
+        assert status["source_refusals"] >= 1 and not status["source_connected"] and status["remaining"] == 1
+        served = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "nbd_postcopy_server_read_bytes_total 0.0" in served
+    assert "is not the same source (instance id" in plugin.log_text()
+    with serve("nbd-postcopy", run_dir, image=other):
+        with pytest.raises(nbd.Error):  # still refused: no restart of another source is ever accepted
+            handle.pread(P, 2 * P)
+    handle.shutdown()
+
+
+def test_a_pinned_source_id_refuses_any_other_server(processes, run_dir, image, key_file):
+    with serve("nbd-postcopy", run_dir, image=image, extra=("--instance-id", "vm1-ram")) as server:
+        plugin = Plugin(processes, run_dir, server.uri("unix"), key_file, "prefetch=off", "armed=yes",
+                        "source-id=vm1-ram")
+        handle = plugin.connect()
+        stage(plugin, handle, {1: 10})
+        assert handle.pread(P, P) == image.read_bytes()[10 * P : 11 * P]
+        handle.shutdown()
+    with serve("nbd-postcopy", run_dir, image=image) as server:
+        failed = run_plugin_config(f"source={server.uri('unix')}", f"pages={PAGES}", f"key={key_file}",
+                                   "source-id=vm1-ram", socket=str(run_dir / "pinned.sock"))
+    assert failed.returncode != 0 and "is not the same source (instance id" in failed.stderr, failed.stderr
 
 
 def test_metrics_pass_promtool(processes, run_dir, source, key_file):
@@ -263,6 +305,7 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["timeout=-1"], "timeout=-1: must be a positive number of seconds"),
         (["prefetch=maybe"], "prefetch=maybe: must be one of on, off"),
         (["label=" + "x" * 17], "longer than 16 bytes"),
+        (["source-id=a b"], "source-id=a b: instance id 'a b': want 1..128 characters"),
     ],
 )
 def test_config_errors_are_clear(run_dir, key_file, params, message):
@@ -276,7 +319,7 @@ def test_config_errors_are_clear(run_dir, key_file, params, message):
 
 def test_dump_plugin_lists_keys():
     out = subprocess.run(["nbdkit", "python", str(PLUGIN), "--dump-plugin"], capture_output=True, text=True, check=True).stdout
-    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid" in out
+    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id" in out
     assert "thread_model=parallel" in out or "max_thread_model=parallel" in out
 
 

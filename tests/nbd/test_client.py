@@ -3,6 +3,7 @@ many threads, reconnecting through server restarts, and timeouts."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -10,18 +11,26 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from nbd_postcopy.nbd.client import SourceClient, SourceError, SourceUnavailable, _Request
+from nbd_postcopy.nbd.client import (
+    IdentityMismatch,
+    SourceClient,
+    SourceError,
+    SourceIdentity,
+    SourceUnavailable,
+    _Request,
+)
 from nbd_postcopy.nbd.protocol import NEED_DATA, ClientConnection, ErrorReply, ExportInfo, ReadReply, ServerConnection
 from nbd_postcopy.nbd.wire import Command, Errno
 from nbd_postcopy.source.sources import MAX_SCAN_DATA
 
 from tests.conftest import wait_for_path
-from tests.servers import write_image_with_zeros
+from tests.servers import free_tcp_port, write_image_with_zeros
 
 SIZE = 8 << 20
 PAGE = 4096
@@ -124,7 +133,7 @@ def test_source_error_is_raised_with_its_errno(processes, run_dir):
 
 def test_server_restart_during_an_outage(processes, run_dir, image):
     path, data = image
-    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path)
+    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path, "--instance-id", "source-1")
     states = []
     client = SourceClient(f"nbd+unix:///ram?socket={sock}", on_state=lambda up, why: states.append((up, why)))
     try:
@@ -143,7 +152,7 @@ def test_server_restart_during_an_outage(processes, run_dir, image):
             t.start()
         time.sleep(1.0)  # the reads are issued while nothing listens
         assert not client.connected and not results
-        start_server(processes, run_dir, "nbd-postcopy", path)
+        start_server(processes, run_dir, "nbd-postcopy", path, "--instance-id", "source-1")  # same RAM, same id
         for t in threads:
             t.join(30)
         assert errors == []
@@ -155,7 +164,7 @@ def test_server_restart_during_an_outage(processes, run_dir, image):
 
 def test_requests_in_flight_are_resent_after_reconnect(processes, run_dir, image):
     path, data = image
-    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path, "--gate", "closed")
+    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path, "--gate", "closed", "--instance-id", "src")
     client = SourceClient(f"nbd+unix:///ram?socket={sock}")
     try:
         result = {}
@@ -164,7 +173,7 @@ def test_requests_in_flight_are_resent_after_reconnect(processes, run_dir, image
         reader.start()
         time.sleep(0.3)  # both requests now wait behind the closed gate
         kill(proc)
-        start_server(processes, run_dir, "nbd-postcopy", path)
+        start_server(processes, run_dir, "nbd-postcopy", path, "--instance-id", "src")
         reader.join(30)
         assert result["data"] == [data[:PAGE], data[PAGE : 2 * PAGE]]
     finally:
@@ -298,3 +307,81 @@ def test_reply_fast_path_gives_callers_what_the_core_gives(monkeypatch, structur
     general = _dispatch_outcomes(structured, bytes(data), splits)
     assert fast == general
     assert all(done for done, _, _ in general[:3]) and general[0][1] == bytes(data[:4096])
+
+
+# --- the source's identity ----------------------------------------------------------------------
+
+
+def test_a_restarted_source_of_another_image_is_refused_and_never_read(processes, run_dir, image):
+    """The same address, the same size, another machine's pages: refused until the timeout, never read."""
+    path, data = image
+    other = run_dir / "other.img"
+    other.write_bytes(bytes(reversed(data)))
+    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path)
+    refusals = []
+    client = SourceClient(f"nbd+unix:///ram?socket={sock}", identity=SourceIdentity(on_refused=refusals.append))
+    try:
+        assert client.read(0, PAGE) == data[:PAGE]
+        kill(proc)
+        port = free_tcp_port()
+        start_server(processes, run_dir, "nbd-postcopy", other, "--metrics-listen", f"127.0.0.1:{port}")
+        with pytest.raises(SourceUnavailable):
+            client.read(PAGE, PAGE, timeout=2)
+        assert refusals and "is not the same source (instance id" in refusals[0]
+        assert client.identity.refusals == len(refusals)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "nbd_postcopy_server_read_bytes_total 0.0" in metrics  # not one byte was read from it
+    finally:
+        client.close()
+
+
+def test_a_pinned_identity_refuses_any_other_server_from_the_start(processes, run_dir, image):
+    path, data = image
+    _, sock = start_server(processes, run_dir, "nbd-postcopy", path, "--instance-id", "right-one")
+    with pytest.raises(SourceUnavailable, match="not the same source"):
+        SourceClient(f"nbd+unix:///ram?socket={sock}", identity=SourceIdentity("wrong-one"), connect_timeout=0.5)
+    client = SourceClient(f"nbd+unix:///ram?socket={sock}", identity=SourceIdentity("right-one"))
+    try:
+        assert client.read(0, PAGE) == data[:PAGE]
+    finally:
+        client.close()
+
+
+def test_clients_sharing_an_identity_agree_on_one_source(processes, run_dir, image):
+    path, _ = image
+    proc, sock = start_server(processes, run_dir, "nbd-postcopy", path)
+    identity = SourceIdentity()
+    first = SourceClient(f"nbd+unix:///ram?socket={sock}", identity=identity)
+    try:
+        kill(proc)
+        sock.unlink()  # so that waiting for the socket waits for the new server
+        start_server(processes, run_dir, "nbd-postcopy", path)  # the same image, but another process
+        with pytest.raises(SourceUnavailable, match="not the same source"):
+            SourceClient(f"nbd+unix:///ram?socket={sock}", identity=identity, connect_timeout=0.5)
+    finally:
+        first.close()
+
+
+def test_a_server_without_identity_is_learned_as_none(processes, run_dir, image, caplog):
+    """nbdkit reports no instance id: accepted with a warning; a server that has one is then another source."""
+    path, data = image
+    proc, sock = start_server(processes, run_dir, "nbdkit", path)
+    identity = SourceIdentity()
+    with caplog.at_level(logging.WARNING, logger="nbd_postcopy.nbd.client"):
+        client = SourceClient(f"nbd+unix:///?socket={sock}", identity=identity)
+    try:
+        assert client.read(0, PAGE) == data[:PAGE]
+        assert identity.instance is None and "reports no instance id" in caplog.text
+    finally:
+        client.close()
+
+
+def test_identity_checks_the_tls_certificate_too():
+    identity = SourceIdentity()
+    identity.check("src", "aa" * 32, "nbds://x")
+    identity.check("src", "aa" * 32, "nbds://x")
+    with pytest.raises(IdentityMismatch, match="another TLS certificate"):
+        identity.check("src", "bb" * 32, "nbds://x")
+    with pytest.raises(IdentityMismatch, match="instance id other, expected src"):
+        identity.check("other", "aa" * 32, "nbds://x")
+    assert identity.refusals == 2

@@ -34,6 +34,7 @@ from nbd_postcopy.nbd.protocol import (
     State,
     TLSEstablished,
     TransmissionStarted,
+    check_instance_id,
     zero_runs,
 )
 from nbd_postcopy.nbd.wire import ChunkType, Command, CommandFlag, Errno, Info, Option, Reply
@@ -792,3 +793,68 @@ def test_take_read_replies_leaves_anything_unusual_to_the_core(structured):
     [failed] = events(client)
     assert isinstance(failed, RequestFailed) and failed.handle == failing
     assert client.take_read_replies(answers[:10]) == (0, [])  # unknown handle / partial: nothing taken
+
+
+# --- the source's identity (x-nbd-postcopy:instance=ID) ------------------------------------------
+def test_list_meta_context_reports_the_instance_id_only_when_asked():
+    server = ServerConnection({"ram": ExportInfo("ram", SIZE, instance="src-1")}, "ram")
+    server.data_to_send()
+    server.receive_data((3).to_bytes(4, "big"))
+    for queries in (("x-nbd-postcopy:",), ("x-nbd-postcopy:instance=",), (), ("base:allocation",)):
+        server.receive_data(option(Option.LIST_META_CONTEXT, meta_data(queries=queries)))
+    server.receive_data(option(Option.STRUCTURED_REPLY))
+    server.receive_data(option(Option.SET_META_CONTEXT, meta_data(queries=("x-nbd-postcopy:instance=src-1",))))
+    assert events(server) == []
+    replies = parse_option_replies(server.data_to_send())
+    names = [(opt, wire.MetaContextReply.parse(data).name) for opt, reply, data in replies if reply == Reply.META_CONTEXT]
+    assert names == [
+        (Option.LIST_META_CONTEXT, "x-nbd-postcopy:instance=src-1"),
+        (Option.LIST_META_CONTEXT, "x-nbd-postcopy:instance=src-1"),
+        (Option.LIST_META_CONTEXT, "base:allocation"), (Option.LIST_META_CONTEXT, "x-nbd-postcopy:instance=src-1"),
+        (Option.LIST_META_CONTEXT, "base:allocation"),
+    ]  # and SET never selects it: it is not a block status context
+    assert not server.base_allocation
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_client_learns_the_instance_id(structured):
+    server = ServerConnection({"ram": ExportInfo("ram", SIZE, instance="src-1")}, "ram")
+    pair = Pair(ClientConnection("ram", structured_replies=structured, identify=True), server)
+    pair.pump()
+    [ready] = pair.client_events
+    assert ready.instance == "src-1" and ready.base_allocation is structured
+
+
+def test_client_without_an_instance_id_from_the_server():
+    pair = Pair(ClientConnection("ram", identify=True))
+    pair.pump()
+    assert pair.client_events[0].instance is None
+
+
+def test_client_refuses_a_malformed_instance_id():
+    client = client_at_options(identify=True)
+    sent = client.data_to_send()
+    assert parse_request_option(sent[4:]) == Option.LIST_META_CONTEXT
+    bad = wire.MetaContextReply.build(dict(context_id=0, name="x-nbd-postcopy:instance=a b"))
+    client.receive_data(option_reply(Option.LIST_META_CONTEXT, Reply.META_CONTEXT, bad))
+    with pytest.raises(RemoteProtocolError, match="malformed instance id"):
+        client.next_event()
+
+
+def test_a_server_that_refuses_the_listing_is_still_usable():
+    client = client_at_options(identify=True, structured_replies=False)
+    client.data_to_send()
+    client.receive_data(option_reply(Option.LIST_META_CONTEXT, Reply.ERR_UNSUP))
+    assert client.next_event() is NEED_DATA
+    assert parse_request_option(client.data_to_send()) == Option.GO
+    client.receive_data(go_replies())
+    assert client.next_event().instance is None
+
+
+@pytest.mark.parametrize("instance", ["", "a b", "x" * 129, "é", "a/b"])
+def test_bad_instance_ids_are_local_errors(instance):
+    with pytest.raises(LocalProtocolError, match="instance id"):
+        check_instance_id(instance)
+    if instance:
+        with pytest.raises(LocalProtocolError):
+            ExportInfo("ram", SIZE, instance=instance)

@@ -385,35 +385,6 @@ def test_metrics_endpoint_passes_promtool(processes, run_dir, image):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.fixture
-def tls_files(run_dir: Path) -> Path:
-    """A CA, a server certificate for localhost and a client certificate, made with openssl.
-
-    Name: run_dir/tls   Scope: function   Depends: run_dir
-    """
-    d = run_dir / "tls"
-    d.mkdir()
-
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]  # fast to make
-    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-            "-days", "2", "-subj", "/CN=nbd-postcopy test CA")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, extra in (("server", ["-extfile", "san.ext"]), ("client", [])):
-        openssl("req", *ec, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
-                "-subj", f"/CN={'localhost' if name == 'server' else 'client'}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2", *extra)
-    for name, files in (("with-client", ["ca-cert.pem", "client-cert.pem", "client-key.pem"]),
-                        ("ca-only", ["ca-cert.pem"])):
-        (d / name).mkdir()
-        for f in files:
-            (d / name / f).write_bytes((d / f).read_bytes())
-    return d
-
-
 def nbdinfo(uri: str) -> subprocess.CompletedProcess:
     return subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, timeout=30)
 
