@@ -115,14 +115,15 @@ def _start_services():
     connect_timeout = min(STARTUP_CONNECT_TIMEOUT, _config.timeout)
     identity = SourceIdentity(_config.source_id, on_refused=_device.on_source_refused)
     demand = SourceClient(_config.source, name="demand", connect_timeout=connect_timeout,
-                          on_state=_device.on_source_state, identity=identity)
+                          on_state=_device.on_source_state, identity=identity, role="demand")
     _services.append(demand)
     if demand.size < _device.pages * PAGE_SIZE:
         raise RuntimeError(f"the source {_config.source} holds {demand.size} bytes, less than pages={_device.pages}")
     _device.demand_source = demand
     _device.source_connected = demand.connected
     if _config.prefetch:
-        source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity)
+        source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity,
+                              role="prefetch")
         prefetcher = Prefetcher(_device, source, timeout=_config.timeout)
         _services.append(prefetcher)
         prefetcher.start()

@@ -170,9 +170,11 @@ class _Link:
 
 class SourceClient:
     def __init__(self, uri: str, *, name: str = "source", connect_timeout: float = 5.0,
-                 on_state: Callable[[bool, str], None] | None = None, identity: SourceIdentity | None = None):
+                 on_state: Callable[[bool, str], None] | None = None, identity: SourceIdentity | None = None,
+                 role: str | None = None):
         self.address: NbdAddress = parse_nbd_uri(uri)
         self.identity = identity if identity is not None else SourceIdentity()
+        self.role = role  # "demand" or "prefetch": the server queues this connection's replies by it
         self.uri = uri
         self.name = name
         self.connect_timeout = connect_timeout
@@ -379,7 +381,7 @@ class SourceClient:
         sock.settimeout(self.connect_timeout)
         try:
             sock.connect(target)
-            conn = ClientConnection(address.export, tls=address.tls, identify=True)
+            conn = ClientConnection(address.export, tls=address.tls, identify=True, role=self.role)
             sock, ready = self._handshake(sock, conn)
             self.identity.check(ready.instance, peer_certificate_digest(sock), self.uri)
         except BaseException:

@@ -53,6 +53,10 @@ BASE_ALLOCATION_ID = 1  # the context id the server gives base:allocation
 IDENTITY_NAMESPACE = "x-nbd-postcopy:"
 IDENTITY_PREFIX = IDENTITY_NAMESPACE + "instance="
 MAX_INSTANCE_ID = 128
+# In the same listing a client may name its role, so that the server can queue its replies by it: a query
+# "x-nbd-postcopy:role=demand" or "...=prefetch" (the server answers nothing for it).
+ROLE_PREFIX = IDENTITY_NAMESPACE + "role="
+ROLES = ("demand", "prefetch")
 _U64_MAX = (1 << 64) - 1
 _OFFSET_MAX = (1 << 63) - 1
 _ZERO_BLOCK = bytes(64 * 1024)
@@ -450,6 +454,7 @@ class ServerConnection(_Connection):
         self.structured_replies = False
         self.export: ExportInfo | None = None
         self._meta_export: str | None = None  # canonical export name of the last SET_META_CONTEXT
+        self.client_role: str | None = None  # what the client said it is (ROLES), if it did
         self._base_allocation = False
         self._pending: dict[int, tuple[int, int, int, int]] = {}  # handle -> (command, offset, length, flags)
         self._out += wire.Greeting.build(
@@ -634,6 +639,10 @@ class ServerConnection(_Connection):
         if match:
             self._reply(option, Reply.META_CONTEXT,
                         wire.MetaContextReply.build(dict(context_id=BASE_ALLOCATION_ID, name=BASE_ALLOCATION)))
+        if option == Option.LIST_META_CONTEXT:
+            roles = [q.removeprefix(ROLE_PREFIX) for q in queries if q.startswith(ROLE_PREFIX)]
+            if roles and roles[-1] in ROLES:
+                self.client_role = roles[-1]
         if option == Option.LIST_META_CONTEXT and export.instance and (
                 not queries or any(q in (IDENTITY_NAMESPACE, IDENTITY_PREFIX, IDENTITY_PREFIX + export.instance)
                                 for q in queries)):
@@ -876,7 +885,8 @@ class ClientConnection(_Connection):
     _transitions = CLIENT_TRANSITIONS
 
     def __init__(self, export_name: str, structured_replies: bool = True, tls: bool = False,
-                 meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,), identify: bool = False):
+                 meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,), identify: bool = False,
+                 role: str | None = None):
         super().__init__()
         _check_string("export name", export_name)
         for name in meta_contexts:
@@ -885,7 +895,10 @@ class ClientConnection(_Connection):
         self.want_structured = structured_replies
         self.want_tls = tls
         self.meta_contexts = tuple(meta_contexts)
+        if role is not None and role not in ROLES:
+            raise LocalProtocolError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         self.identify = identify  # ask the server for its instance identity (NBD_OPT_LIST_META_CONTEXT)
+        self.role = role  # told to the server in the same listing
         self.instance: str | None = None
         self.structured_replies = False
         self.ready: Ready | None = None
@@ -925,7 +938,7 @@ class ClientConnection(_Connection):
         self._out += U32.pack(flags)
         self._transition(_Greeted)
         self._plan = [Option.STARTTLS] if self.want_tls else []
-        if self.identify:
+        if self.identify or self.role:
             self._plan.append(Option.LIST_META_CONTEXT)
         if self.want_structured:
             self._plan.append(Option.STRUCTURED_REPLY)
@@ -954,7 +967,8 @@ class ClientConnection(_Connection):
         if option == Option.SET_META_CONTEXT and not self.structured_replies:
             option = self._plan.pop(0)
         if option == Option.LIST_META_CONTEXT:
-            data = wire.MetaContextRequest.build(dict(name=self.export_name, queries=[IDENTITY_PREFIX]))
+            queries = ([IDENTITY_PREFIX] if self.identify else []) + ([ROLE_PREFIX + self.role] if self.role else [])
+            data = wire.MetaContextRequest.build(dict(name=self.export_name, queries=queries))
         elif option == Option.SET_META_CONTEXT:
             data = wire.MetaContextRequest.build(dict(name=self.export_name, queries=list(self.meta_contexts)))
         elif option == Option.GO:

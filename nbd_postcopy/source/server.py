@@ -40,6 +40,7 @@ from ..nbd.protocol import (
     TLSEstablished,
     TransmissionStarted,
 )
+from .shaping import set_socket_role
 from .sources import Source
 from ..nbd.wire import REQUEST, Errno
 
@@ -382,8 +383,11 @@ class _NbdConnection(asyncio.BufferedProtocol):
                     out.append(conn.data_to_send())  # the handshake's last answer goes before any reply
                     self._direct = (self._sock is not None and not conn.tls_active
                                     and self.transport.get_write_buffer_size() == 0)
-                    log.debug("%s: export %r, structured replies %s, block status %s", self.peer,
-                              event.export.name, event.structured_replies, event.base_allocation)
+                    if self._sock is not None and self._sock.family != socket.AF_UNIX:
+                        set_socket_role(self._sock, conn.client_role)  # its class under --prefetch-bandwidth
+                    log.debug("%s: export %r, structured replies %s, block status %s, role %s", self.peer,
+                              event.export.name, event.structured_replies, event.base_allocation,
+                              conn.client_role or "-")
                 else:  # Disconnect, ConnectionClosed
                     self._closing = True
                     break

@@ -858,3 +858,20 @@ def test_bad_instance_ids_are_local_errors(instance):
     if instance:
         with pytest.raises(LocalProtocolError):
             ExportInfo("ram", SIZE, instance=instance)
+
+
+@pytest.mark.parametrize("identify", [True, False])
+def test_client_names_its_role_in_the_listing(identify):
+    server = ServerConnection({"ram": ExportInfo("ram", SIZE, instance="src-1")}, "ram")
+    pair = Pair(ClientConnection("ram", identify=identify, role="prefetch"), server)
+    pair.pump()
+    assert server.client_role == "prefetch"
+    assert pair.client_events[0].instance == ("src-1" if identify else None)
+
+
+def test_unknown_roles_are_refused_by_the_client_and_ignored_by_the_server():
+    with pytest.raises(LocalProtocolError, match="role must be one of demand, prefetch"):
+        ClientConnection("ram", role="bulk")
+    server = greeted()
+    server.receive_data(option(Option.LIST_META_CONTEXT, meta_data(queries=("x-nbd-postcopy:role=bulk",))))
+    assert events(server) == [] and server.client_role is None
