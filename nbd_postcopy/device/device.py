@@ -276,6 +276,9 @@ class Device:
         self._demand_in_flight = 0
         self.last_demand_end = float("-inf")  # time.monotonic() when the latest demand fetch ended
         self.source_connected = False
+        self.reconnects = 0  # times the demand connection came back after it was lost
+        self.outage_seconds = 0.0  # time the demand connection was down, in all (ended outages)
+        self._down_since: float | None = None
         self._fault_listeners: list[Callable[[int, float], None]] = []
         self._complete_logged = False
         self._fetched_counters = {reason: self.metrics.pages_fetched.labels(reason=reason) for reason in self.fetched}
@@ -300,6 +303,8 @@ class Device:
                 "complete": self.complete,
                 "anomalies": self.anomalies,
                 "source_connected": self.source_connected,
+                "reconnects": self.reconnects,
+                "outage_seconds": round(self.outage_seconds + self._current_outage(), 3),
                 "source_errors": self.source_errors,
                 "source_refusals": self.source_refusals,
                 "fetched_demand": self.fetched["demand"],
@@ -330,11 +335,27 @@ class Device:
 
     def on_source_state(self, connected: bool, reason: str) -> None:
         """SourceClient's on_state callback for the demand connection."""
+        outage = None
+        with self._lock:
+            if connected and self._down_since is not None:
+                outage = time.monotonic() - self._down_since
+                self.outage_seconds += outage
+                self.reconnects += 1
+                self._down_since = None
+                self.metrics.reconnects.inc()
+                self.metrics.outage_seconds.inc(outage)
+            elif not connected and self._down_since is None:
+                self._down_since = time.monotonic()
         self.source_connected = connected
         if connected:
-            log.info("source connection is up (%s)", reason)
+            log.info("source connection is up (%s)%s", reason,
+                     "" if outage is None else f" after an outage of {outage:.1f}s")
         else:
             log.warning("source connection is down (%s); reads wait up to %gs for it", reason, self.timeout)
+
+    def _current_outage(self) -> float:
+        down_since = self._down_since
+        return 0.0 if down_since is None else time.monotonic() - down_since
 
     def on_source_refused(self, reason: str) -> None:
         """SourceIdentity's callback: a connection reached a server that is not the same source."""

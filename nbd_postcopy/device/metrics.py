@@ -33,6 +33,14 @@ class DeviceMetrics:
             "nbd_postcopy_source_refusals", "Connections refused because the server is not the same source "
             "(another instance id or TLS certificate)", registry=r,
         )
+        self.reconnects = Counter(
+            "nbd_postcopy_source_reconnects", "Times the demand connection to the source came back after a loss",
+            registry=r,
+        )
+        self.outage_seconds = Counter(
+            "nbd_postcopy_source_outage_seconds", "Time the demand connection to the source was down (ended outages)",
+            registry=r,
+        )
         self.pages_mapped = Gauge("nbd_postcopy_pages_mapped", "Slots that hold a guest page", registry=r)
         self.pages_remaining = Gauge(
             "nbd_postcopy_pages_remaining", "Mapped pages not yet local (still needed from the source)", registry=r

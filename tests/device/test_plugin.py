@@ -192,7 +192,8 @@ def test_reads_wait_for_the_source_to_come_back(processes, run_dir, image, key_f
     with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE):
         reader.join(20)
         assert result["data"] == image.read_bytes()[10 * P : 12 * P]
-        assert plugin.status()["source_connected"]
+        status = plugin.status()
+        assert status["source_connected"] and status["reconnects"] == 1 and status["outage_seconds"] > 1.0
     log = plugin.log_text()
     assert "source connection is down" in log and "source connection is up" in log
     handle.shutdown()
