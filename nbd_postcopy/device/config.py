@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import stat
 import uuid as uuid_module
 from dataclasses import dataclass, field
 
@@ -39,6 +41,9 @@ REQUIRED = ("source", "key")
 HELP = "\n".join(f"{key + '=':<10} {text}" for key, text in KEYS.items())
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
+
+
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class ConfigError(ValueError):
@@ -92,12 +97,19 @@ class PluginConfig:
         elif key == "headroom":
             self.headroom = _non_negative_int(value)
         elif key == "metrics":
-            parse_listen(value)
+            host, port = parse_listen(value)
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range (1..65535)")
+            _check_can_listen(host, port)
             self.metrics = value
         elif key == "control":
             directory = os.path.dirname(os.path.abspath(value))
             if not os.path.isdir(directory):
                 raise ValueError(f"directory {directory} does not exist")
+            if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+                raise ValueError(f"path longer than {MAX_SOCKET_PATH} bytes, the limit of a Unix socket")
+            if os.path.lexists(value) and not stat.S_ISSOCK(os.lstat(value).st_mode):
+                raise ValueError("exists and is not a socket (it would be replaced)")
             self.control = value
         elif key == "cache-dir":
             if not os.path.isdir(value) or not os.access(value, os.W_OK):
@@ -138,6 +150,18 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError("not a size (e.g. 268435456, 256M, 1G)")
     return int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail now, with the key's name, if the metrics address cannot be bound: after nbdkit forks, an error
+    would only stop the plugin with a traceback (the server binds it again then)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _positive_int(text: str) -> int:

@@ -128,11 +128,17 @@ def _start_services():
         _services.append(prefetcher)
         prefetcher.start()
     if _config.control:
-        control = ControlServer(_config.control, {"status": _device.status, "arm": _arm})
+        try:
+            control = ControlServer(_config.control, {"status": _device.status, "arm": _arm})
+        except OSError as exc:
+            raise RuntimeError(f"control={_config.control}: cannot listen: {exc.strerror or exc}") from None
         _services.append(control)
         control.start()
     if _config.metrics:
-        serve_metrics(_config.metrics, _device.metrics.registry)
+        try:
+            serve_metrics(_config.metrics, _device.metrics.registry)
+        except OSError as exc:
+            raise RuntimeError(f"metrics={_config.metrics}: cannot listen: {exc.strerror or exc}") from None
     if _config.armed:
         _device.arm()
 

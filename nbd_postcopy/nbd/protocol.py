@@ -545,7 +545,8 @@ class ServerConnection(_Connection):
         try:
             return handler(option, data)
         except (ConstructError, UnicodeDecodeError) as exc:
-            self._reply(option, Reply.ERR_INVALID, f"malformed {_option_name(option)} data: {exc}")
+            # The parser's own words name its internals: tell the peer only what was wrong.
+            self._reply(option, Reply.ERR_INVALID, f"malformed {_option_name(option)} data ({len(data)} bytes)")
             return None
 
     def _lookup(self, name: str) -> ExportInfo | None:

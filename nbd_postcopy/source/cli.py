@@ -89,6 +89,12 @@ def _listen_spec(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _export_name(text: str) -> str:
+    if len(text.encode()) > 4096:
+        raise argparse.ArgumentTypeError(f"export name of {len(text.encode())} bytes: NBD allows at most 4096")
+    return text
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"want a positive whole number, got {text!r}")
@@ -127,7 +133,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--length", type=parse_size, metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
     p.add_argument("--listen", type=_listen_spec, action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
                    help="where to listen (repeatable)")
-    p.add_argument("--export", default="", metavar="NAME",
+    p.add_argument("--export", default="", metavar="NAME", type=_export_name,
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
                    help="freeze gate (see above); default open")

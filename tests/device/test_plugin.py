@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -307,6 +308,9 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["prefetch=maybe"], "prefetch=maybe: must be one of on, off"),
         (["label=" + "x" * 17], "longer than 16 bytes"),
         (["source-id=a b"], "source-id=a b: instance id 'a b': want 1..128 characters"),
+        (["metrics=127.0.0.1:70000"], "metrics=127.0.0.1:70000: port 70000 is out of range"),
+        (["control=/tmp/" + "x" * 120], "path longer than 107 bytes"),
+        (["control=KEY"], "exists and is not a socket"),
     ],
 )
 def test_config_errors_are_clear(run_dir, key_file, params, message):
@@ -316,6 +320,17 @@ def test_config_errors_are_clear(run_dir, key_file, params, message):
     result = run_plugin_config(*params)
     assert result.returncode != 0
     assert "nbdkit: postcopy: error: " in result.stderr and message in result.stderr, result.stderr
+
+
+def test_a_metrics_port_in_use_is_reported_with_the_key(run_dir, key_file):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_plugin_config(f"metrics=127.0.0.1:{port}", socket=str(run_dir / "dev.sock"))
+    assert result.returncode != 0
+    assert f"metrics=127.0.0.1:{port}: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert not (run_dir / "dev.sock").exists()  # refused before nbdkit made its socket
 
 
 def test_dump_plugin_lists_keys():

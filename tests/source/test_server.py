@@ -582,3 +582,10 @@ def test_read_fast_path_sends_the_same_bytes_as_the_core(run_dir, image, monkeyp
     assert sum(taken) >= 7, taken  # the fast path did answer the plain reads
     assert fast == general
     assert fast_metrics == general_metrics
+
+
+def test_an_export_name_over_the_nbd_limit_is_a_usage_error(image):
+    result = subprocess.run([*SERVE, "--file", str(image[0]), "--listen", "unix:/tmp/never.sock", "--export", "x" * 5000],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "export name of 5000 bytes: NBD allows at most 4096" in result.stderr
+    assert "Traceback" not in result.stderr
