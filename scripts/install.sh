@@ -15,7 +15,7 @@ APT_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 nbd-client
     qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev
     prometheus
-    python3-venv python3-construct python3-prometheus-client python3-pyroute2 python3-pytest
+    python3-venv python3-construct python3-prometheus-client python3-pyroute2 python3-pytest python3-yaml
 )
 
 say() { printf 'install: %s\n' "$*" >&2; }
