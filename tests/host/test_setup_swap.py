@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nbd_postcopy.host.attachment import State
 from tests.conftest import wait_for_path
 from tests.swapdev import (
     SETUP_SWAP,
@@ -27,7 +28,6 @@ from tests.swapdev import (
     loop_backing_file,
     process_matches,
     processes_mentioning,
-    read_state,
     run_setup_swap,
 )
 
@@ -166,8 +166,8 @@ def test_attachment_outlives_the_script(run_dir, plugin_keys, swap_lock):
         assert shell.returncode == 0, shell.stderr
         shell_pid = int(shell.stdout.split("shell ")[1])
         assert not Path(f"/proc/{shell_pid}").exists()  # the shell is gone
-        state = read_state(state_dir)
-        supervisor, nbdkit, device = int(state["supervisor_pid"]), int(state["nbdkit_pid"]), state["device"]
+        state = State.load(state_dir)
+        supervisor, nbdkit, device = state.supervisor_pid, state.nbdkit_pid, state.device
         assert process_matches(supervisor, "nbd_postcopy.host.supervisor") and process_matches(nbdkit, "nbdkit")
         assert os.getsid(supervisor) == supervisor
 
