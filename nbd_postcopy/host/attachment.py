@@ -102,11 +102,11 @@ def default_prog() -> str:
     return "setup-swap.sh" if SETUP_SWAP.is_file() else "nbd-postcopy swap"
 
 
-def detach_command(name: str, target: Target | None = None) -> str:
-    """The shell command that detaches `name` (completing `target` first, if given)."""
+def detach_command(name: str, pid: int | None = None, address: int = 0, length: int = 0) -> str:
+    """The shell command that detaches `name` (completing that range of process `pid` first, if given)."""
     argv = [*command_prefix(), "detach", name]
-    if target is not None:
-        argv += ["--pid", str(target.pid), "--address", f"{target.address:#x}", "--length", str(target.length)]
+    if pid is not None:
+        argv += ["--pid", str(pid), "--address", f"{address:#x}", "--length", str(length)]
     return shlex.join(argv)
 
 
@@ -656,8 +656,8 @@ class Attachment:
             except OSError:
                 dio = "missing"
             if dio != "1":
-                raise AttachmentError(f"{s.loop_device} does not use direct I/O (/sys/block/{loop}/loop/dio = {dio}): "
-                                      "its page cache would answer swap-ins with stale data")
+                raise AttachmentError(f"{s.loop_device} does not use direct I/O (/sys/block/{loop}/loop/dio = "
+                                      f"{dio}): its page cache would answer swap-ins with stale data")
         else:
             if not os.path.isdir("/sys/module/nbd"):
                 status, out = _run(["modprobe", "nbd"])
@@ -760,7 +760,7 @@ class Attachment:
             if not linux.wait_process_gone(s.supervisor_pid, supervisor, STOP_TIMEOUT):
                 self._fail(f"the supervisor (pid {s.supervisor_pid}) did not exit within {STOP_TIMEOUT:.0f}s; "
                            f"see {s.state_dir}/log")
-        if s.nbdkit_pid and linux.process_matches(s.nbdkit_pid, s.socket):  # the supervisor was gone, or did not stop it
+        if s.nbdkit_pid and linux.process_matches(s.nbdkit_pid, s.socket):  # the supervisor was gone or left it
             with contextlib.suppress(OSError):
                 os.kill(s.nbdkit_pid, signal.SIGTERM)
             if not linux.wait_process_gone(s.nbdkit_pid, s.socket, STOP_TIMEOUT):

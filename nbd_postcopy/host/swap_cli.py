@@ -283,8 +283,8 @@ def format_status(entry: dict) -> str:
     size = "size unknown" if entry["size_bytes"] is None else human_bytes(entry["size_bytes"])
     lines = [f"{entry['name']}: {entry['device'] or 'no device'} ({entry['transport'] or '?'}, {size})"]
     if entry["swap_active"]:
-        lines.append(f"  swap: active, priority {entry['priority']}, used {human_bytes(entry['swap_used_kib'] * 1024)} "
-                     f"of {human_bytes(entry['swap_size_kib'] * 1024)}")
+        used, size = human_bytes(entry["swap_used_kib"] * 1024), human_bytes(entry["swap_size_kib"] * 1024)
+        lines.append(f"  swap: active, priority {entry['priority']}, used {used} of {size}")
     else:
         lines.append("  swap: not active")
 
@@ -301,7 +301,8 @@ def format_status(entry: dict) -> str:
     lines.append(line)
     plugin = entry["plugin"]
     if plugin is not None:
-        shown = ", ".join(f"{key} {plugin[key]}" for key in ("armed", "mapped", "remaining", "complete") if key in plugin)
+        keys = [key for key in ("armed", "mapped", "remaining", "complete") if key in plugin]
+        shown = ", ".join(f"{key} {plugin[key]}" for key in keys)
         lines.append(f"  plugin: {shown}")
     else:
         lines.append(f"  plugin: control socket {entry['control_socket'] or '(none)'} not answering")
