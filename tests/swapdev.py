@@ -79,6 +79,46 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def swaps_line(device: str) -> list[str]:
+    """The /proc/swaps row of `device`, split (AssertionError when it is not an active swap area)."""
+    real = os.path.realpath(device)
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        if line.split()[0] == real:
+            return line.split()
+    raise AssertionError(f"{device} is not in /proc/swaps")
+
+
+def loops_backed_under(directory: Path) -> list[str]:
+    return [
+        f"/dev/{loop.name}"
+        for loop in Path("/sys/block").glob("loop*")
+        if (loop_backing_file(f"/dev/{loop.name}") or "").startswith(str(directory))
+    ]
+
+
+def assert_nothing_left(state_dir: Path, name: str) -> None:
+    """No registry entry, state directory, mount, loop device or process of attachment `name` remains."""
+    registry = Path(os.environ.get("NBD_POSTCOPY_RUN_DIR", "/run/nbd-postcopy"))
+    assert not registry.joinpath(name).exists() and not registry.joinpath(name).is_symlink(), f"registry entry {name}"
+    assert not state_dir.exists(), f"state directory {state_dir}"
+    assert not any(str(state_dir) in line for line in Path("/proc/mounts").read_text().splitlines())
+    assert not loops_backed_under(state_dir)
+    assert not processes_mentioning(str(state_dir))
+
+
+def path_without(run_dir: Path, *tools: str) -> str:
+    """A PATH (RUN_DIR/bin) holding links to every system command except `tools`."""
+    bin_dir = run_dir / "bin"
+    bin_dir.mkdir()
+    for directory in ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"):  # later ones win
+        for entry in os.scandir(directory):
+            if entry.name not in tools:
+                link = bin_dir / entry.name
+                link.unlink(missing_ok=True)
+                link.symlink_to(entry.path)
+    return str(bin_dir)
+
+
 def run_setup_swap(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
                    check: bool = False) -> subprocess.CompletedProcess:
     """Run scripts/setup-swap.sh with `args`; returns the completed process (text output)."""
