@@ -753,7 +753,7 @@ class Attachment:
     def _stop_processes(self) -> None:
         s = self.state
         s.adopt_pids()
-        supervisor = self.supervisor_needle()
+        supervisor = supervisor_needle(s.state_dir)
         if s.supervisor_pid and linux.process_matches(s.supervisor_pid, supervisor):
             with contextlib.suppress(OSError):
                 os.kill(s.supervisor_pid, signal.SIGTERM)
@@ -775,10 +775,6 @@ class Attachment:
             _remove_registration(self.settings, self.name, self.state_dir)
         except OSError as exc:
             self._fail(f"cannot remove {exc.filename}: {exc.strerror or exc}")
-
-    def supervisor_needle(self) -> str:
-        """What the supervisor's command line contains (and no other process's)."""
-        return f"nbd_postcopy.host.supervisor --state-dir {self.state.state_dir} "
 
     # -- detach -----------------------------------------------------------------------------------------------
     def detach(self, complete: bool = True, target: Target | None = None) -> None:
@@ -818,6 +814,11 @@ class Attachment:
     # -- status -----------------------------------------------------------------------------------------------
     def status(self) -> dict:
         return _status_entry(self.name, self.state_dir, self.state)
+
+
+def supervisor_needle(state_dir: str | os.PathLike) -> str:
+    """What the command line of the supervisor of `state_dir` contains (and no other process's)."""
+    return f"nbd_postcopy.host.supervisor --state-dir {state_dir} "
 
 
 def _is_socket(path: str) -> bool:
@@ -898,7 +899,7 @@ def _status_entry(name: str, state_dir: Path, state: State | None) -> dict:
         alive = "" if pid is None else ("alive" if linux.process_matches(pid, needle) else "dead")
         return {"pid": pid, "state": alive}
 
-    supervisor = process(s.supervisor_pid, f"nbd_postcopy.host.supervisor --state-dir {state_dir} ")
+    supervisor = process(s.supervisor_pid, supervisor_needle(state_dir))
     nbdkit = process(s.nbdkit_pid, s.socket)
     nbdkit["locked_kib"] = linux.vm_locked_kib(s.nbdkit_pid) if nbdkit["state"] == "alive" else None
     plugin = None
