@@ -23,6 +23,7 @@ COMMANDS = {
     "complete": "nbd_postcopy.host.complete_cli",
     "swap": "nbd_postcopy.host.swap_cli",
     "migrate": "nbd_postcopy.migration.cli",
+    "receive": "nbd_postcopy.migration.receive_cli",
     "demo": "nbd_postcopy.testbench.demo",
     "plugin-path": "nbd_postcopy.device.cli",
 }

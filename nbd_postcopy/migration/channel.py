@@ -8,8 +8,8 @@ against the host name it dialled). Without certificates everything runs in clear
 
     sender -> receiver                              receiver -> sender
     hello    {version, guest_bytes, memdev}         welcome  {version}      (the VM's shape matches)
-    source   {uri, instance}  (page server, gated)  ready    {migration_uri} (staged, armed, listening)
-    released {}               (the source is gone)  resumed  {switchover_to_resume_ms}
+    source   {uri, instance}  (page server, gated)  ready    {migration_port} (staged, armed, listening)
+    released {}               (the source is gone)  resumed  {}
     abort    {reason}                               progress {remaining, pages}
                                                     local    {}             (every page is local)
                                                     done     {report}
@@ -22,6 +22,7 @@ anything else is a ChannelError, never a guess. See docs/DESIGN.md, "Two hosts".
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import time
@@ -35,8 +36,8 @@ MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"version": int, "guest_bytes": int, "memdev": str},
     "welcome": {"version": int},
     "source": {"uri": str, "instance": str},
-    "ready": {"migration_uri": str},
-    "resumed": {"switchover_to_resume_ms": (int, float)},
+    "ready": {"migration_port": int},
+    "resumed": {},
     "progress": {"remaining": int, "pages": int},
     "local": {},
     "released": {},
@@ -172,11 +173,23 @@ class Channel:
             raise PeerFailed(message.fields.get("message") or message.fields.get("reason"))
         return message
 
+    def poll(self) -> Message | None:
+        """The next message if one has arrived, else None at once (PeerFailed for error or abort)."""
+        if b"\n" not in self._buffer:
+            pending = self._sock.pending() if self.tls else 0
+            if not pending and not select.select([self._sock], [], [], 0)[0]:
+                return None
+        return self.receive(timeout=5.0)
+
     def expect(self, message_type: str, timeout: float) -> Message:
         message = self.receive(timeout)
         if message.type != message_type:
             raise ChannelError(f"{self.peer} sent {message.type} where {message_type} was due")
         return message
+
+    def local_address(self) -> str:
+        """This end's address: where the peer can reach this host."""
+        return self._sock.getsockname()[0]
 
     def close(self) -> None:
         try:
@@ -250,6 +263,18 @@ class Listener:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def free_port(host: str) -> int:
+    """A TCP port that was free on `host` a moment ago."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def bracket(host: str) -> str:
+    """HOST as it goes before :PORT ([v6])."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _ssl_reason(exc: Exception) -> str:
