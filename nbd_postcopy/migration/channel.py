@@ -133,6 +133,7 @@ class Channel:
     """One end of an established channel. Blocking; every receive has a deadline."""
 
     def __init__(self, sock: socket.socket, peer: str):
+        _keepalive(sock)
         self._sock = sock
         self.peer = peer
         self.tls = isinstance(sock, ssl.SSLSocket)
@@ -234,10 +235,10 @@ class Listener:
         self.address = self._sock.getsockname()[:2]
         self.refused: list[str] = []  # peers that failed the TLS handshake, with the reason
 
-    def accept(self, timeout: float | None = None) -> Channel:
+    def accept(self, timeout: float | None = None, on_refused=None) -> Channel:
         """The first sender that completes the TLS handshake (if configured). A peer that fails it (no
-        certificate, one from another CA, plaintext) is closed and noted in `refused`; ChannelError only
-        on the deadline."""
+        certificate, one from another CA, plaintext) is closed, noted in `refused` and passed to
+        `on_refused(text)`; ChannelError only on the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -254,6 +255,8 @@ class Listener:
             except (ssl.SSLError, OSError) as exc:
                 sock.close()
                 self.refused.append(f"{peer}: {_ssl_reason(exc)}")
+                if on_refused is not None:
+                    on_refused(self.refused[-1])
 
     def close(self) -> None:
         self._sock.close()
@@ -263,6 +266,14 @@ class Listener:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a peer that vanished without closing (a host down, a link cut) within about 40 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def free_port(host: str) -> int:

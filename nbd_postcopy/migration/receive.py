@@ -76,6 +76,7 @@ class ReceiveOptions:
     work_dir: Path
     tls: ch.TlsFiles | None = None
     memdev: str = RAM_ID
+    timeout: float | None = None  # the plugin's timeout=: how long a swap-in waits for an unreachable source
     quiet: bool = False
     stream: TextIO | None = None
 
@@ -91,6 +92,7 @@ class Receiver:
         self.metrics_port = _free_port()
         self.channel: ch.Channel | None = None
         self.control: Path | None = None
+        self.dst_pid = 0
 
     def say(self, message: str) -> None:
         if not self.o.quiet:
@@ -110,9 +112,8 @@ class Receiver:
                     self.say("warning: no certificates: the control channel, the page stream and QEMU's "
                              "migration stream run in clear")
                 self.say(f"waiting for a sender on {self.o.listen_host}:{listener.address[1]}")
-                self.channel = listener.accept(ACCEPT_TIMEOUT)
-                for refused in listener.refused:
-                    self.say(f"refused a sender: {refused}")
+                self.channel = listener.accept(ACCEPT_TIMEOUT,
+                                               on_refused=lambda why: self.say(f"refused a sender: {why}"))
             self.say(f"sender {self.channel.peer} connected" + (" (TLS)" if self.channel.tls else ""))
             try:
                 return self._run(qmp)
@@ -127,7 +128,7 @@ class Receiver:
     def _run(self, qmp: Qmp) -> dict:
         chan = self.channel
         hello = chan.expect("hello", STEP_TIMEOUT)
-        dst_pid = qmp.peer_pid()
+        dst_pid = self.dst_pid = qmp.peer_pid()
         ram = self._check(qmp, dst_pid, hello)
         chan.send("welcome", version=ch.PROTOCOL_VERSION)
         self._enter(Phase.CHECKED)
@@ -157,7 +158,7 @@ class Receiver:
         self._enter(Phase.RESUMED)
         chan.send("resumed")
         self.say("the guest runs here; fetching the rest of its memory")
-        self._wait_local()
+        self._wait_local(dst_pid)
         self._enter(Phase.LOCAL)
         local_at = time.monotonic()
         chan.send("local")
@@ -229,6 +230,8 @@ class Receiver:
             raise MigrateError("the sender serves pages in clear, but TLS is configured here: refused")
         keys = [f"source={uri}", f"size={size}", f"key={key}", f"source-id={instance}",
                 f"metrics=127.0.0.1:{self.metrics_port}"]
+        if self.o.timeout is not None:
+            keys.append(f"timeout={self.o.timeout:g}")
         self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
         report = attachment.CollectingReporter()
         options = attachment.AttachOptions(keys, name=self.swap_name, state_dir=self.swap_state)
@@ -275,7 +278,7 @@ class Receiver:
             if (message := self.channel.poll()) is not None:
                 raise MigrateError(f"the sender sent {message.type} while QEMU waited for the device state")
 
-    def _wait_local(self) -> None:
+    def _wait_local(self, dst_pid: int) -> None:
         status = self._device("status")
         total = status["remaining"]
         bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
@@ -289,6 +292,10 @@ class Receiver:
                 except ch.ChannelError as exc:
                     log.warning("the channel to the sender is gone (%s); carrying on", exc)
             time.sleep(PROGRESS_INTERVAL)
+            if _exited(dst_pid):
+                raise MigrateError(f"the destination QEMU (pid {dst_pid}) exited after the switchover with "
+                                   f"{remaining} pages still at the source (a swap-in that waited longer than the "
+                                   "device's timeout fails, and kills the guest)")
             status = self._device("status")
         bar.update(total)
         bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
@@ -324,7 +331,7 @@ class Receiver:
                 except ch.ChannelError:
                     pass
             if self.phase >= Phase.ATTACHED:
-                pid = qmp.peer_pid()
+                pid = self.dst_pid
                 try:
                     qmp.execute("quit", timeout=5)
                 except VmError:
@@ -336,13 +343,27 @@ class Receiver:
                 except attachment.AttachmentError as detach_error:
                     log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
             return
+        qemu_gone = _exited(self.dst_pid)
+        if qemu_gone:  # nothing needs the device any more: take it down
+            report = attachment.CollectingReporter()
+            try:
+                attachment.detach(self.swap_name, complete=False, report=report)
+            except attachment.AttachmentError as detach_error:
+                log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
+            message = (f"the destination QEMU exited after the switchover ({reason}); the source QEMU is paused "
+                       "with the guest's memory intact: the QMP command 'cont' resumes it there")
+        else:
+            message = f"the destination failed after the switchover: {reason}"
         if self.phase < Phase.DONE and self.channel is not None:
             try:
-                self.channel.send("error", message=f"the destination failed after the switchover: {reason}")
+                self.channel.send("error", message=message)
             except ch.ChannelError:
                 pass
-        self.say(f"failed after the switchover ({reason}): the guest runs here; the swap device "
-                 f"{self.swap_name} stays attached. Finish with: {attachment.detach_command(self.swap_name)}")
+        if qemu_gone:
+            self.say(f"failed: {message}; the swap device is detached")
+        else:
+            self.say(f"failed after the switchover ({reason}): the guest runs here; the swap device "
+                     f"{self.swap_name} stays attached. Finish with: {attachment.detach_command(self.swap_name)}")
 
 
 def receive(options: ReceiveOptions) -> dict:

@@ -47,6 +47,16 @@ def _tcp_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"want a positive number of seconds, got {text!r}")
+    return value
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qmp", required=True, type=Path, metavar="SOCKET",
                         help="QMP Unix socket of the destination QEMU (started with -incoming defer)")
@@ -55,6 +65,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
     parser.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
     parser.add_argument("--tls-ca", metavar="F", help="the CA that signs both hosts' certificates (PEM)")
+    parser.add_argument("--timeout", type=_seconds, metavar="S",
+                        help="seconds a swap-in waits for an unreachable source before it fails, which kills the "
+                             "guest (the device's timeout=, default 60); keep it long in production")
     parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
                         help=f"id of the memory backend holding guest RAM (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
@@ -70,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-rcv-", dir="/tmp"))
     host, port = args.listen
-    options = ReceiveOptions(args.qmp, host, port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet)
+    options = ReceiveOptions(args.qmp, host, port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
+                             timeout=args.timeout)
     try:
         report = receive(options)
     except (MigrateError, ChannelError) as exc:

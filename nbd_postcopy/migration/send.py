@@ -265,6 +265,13 @@ class Sender:
             if self.server is not None:
                 self.server.stop()
             return
+        if self.phase < Phase.RELEASED and isinstance(exc, ch.PeerFailed):
+            # The receiver gave up after the switchover (its QEMU is gone): nothing fetches any more.
+            if self.server is not None:
+                self.server.stop()
+            self.say(f"the destination gave up after the switchover: {reason}. The source QEMU is paused here; "
+                     "the page server is stopped")
+            return
         if self.phase < Phase.RELEASED:
             pid = self.server.pid if self.server is not None else None
             self.say(f"failed after the switchover ({reason}): the guest runs at the destination and needs this "
