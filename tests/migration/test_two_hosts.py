@@ -87,10 +87,16 @@ def test_migrate_the_checker_guest_to_another_host(guest_image, run_dir, process
                                             "--listen", f"tcp:{dst.address}:{CHANNEL_PORT}", *certs.get("dst", []),
                                             "--work-dir", run_dir / "rcv"], stdout=out, stderr=subprocess.STDOUT)
             wait_for_line(log, "waiting for a sender", receiver)
+            shaping = [] if tls else ["--prefetch-bandwidth", "4gbit"]  # installed, and removed again
             sent = subprocess.run([*src.enter, *CLI, "migrate", "--source-qmp", source.extra_qmp_paths[0],
-                                   "--to", f"tcp:{dst.address}:{CHANNEL_PORT}", *certs.get("src", []),
+                                   "--to", f"tcp:{dst.address}:{CHANNEL_PORT}", *certs.get("src", []), *shaping,
                                    "--work-dir", run_dir / "snd"], capture_output=True, text=True, timeout=300)
             assert sent.returncode == 0, sent.stdout + sent.stderr
+            if shaping:
+                assert f"prefetch replies capped at 4000 Mbit/s on {src.interface}" in sent.stderr
+                with NetNS(src.netns) as ns:
+                    index = ns.link_lookup(ifname=src.interface)[0]
+                    assert [q["handle"] for q in ns.get_qdiscs(index=index) if q["parent"] == 0xFFFFFFFF] == [0]
             assert "total to source release:" in sent.stdout and "pages prefetched:" in sent.stdout
             assert receiver.wait(120) == 0, log.read_text(errors="replace")
             assert ("(TLS)" in sent.stderr) is tls and ("run in clear" in sent.stderr) is (not tls)
