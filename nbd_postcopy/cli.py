@@ -21,7 +21,9 @@ COMMANDS = {
     "serve": "nbd_postcopy.source.cli",
     "stage": "nbd_postcopy.host.stage_cli",
     "complete": "nbd_postcopy.host.complete_cli",
+    "swap": "nbd_postcopy.host.swap_cli",
     "migrate": "nbd_postcopy.migration.cli",
+    "receive": "nbd_postcopy.migration.receive_cli",
     "demo": "nbd_postcopy.testbench.demo",
     "plugin-path": "nbd_postcopy.device.cli",
 }

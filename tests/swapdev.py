@@ -1,4 +1,4 @@
-"""Attach the real postcopy swap device for a test, through scripts/setup-swap.sh, and always take it down.
+"""Attach the real postcopy swap device for a test, through the attachment API, and always take it down.
 
     from tests.swapdev import attached_postcopy_swap
 
@@ -10,7 +10,8 @@ Name: attached_postcopy_swap (context manager)   Scope: the `with` block
 Depends: root, nbdkit + plugin/postcopy.py (or a stand-in plugin, see `standin`), nbdfuse, losetup,
 the `run_dir` fixture (short paths for the Unix sockets) and, in the caller, the `swap_lock` fixture.
 
-On exit it runs `setup-swap.sh detach NAME --no-complete`; then, whatever happened, it checks and
+It attaches in-process (nbd_postcopy.host.attachment, the code behind scripts/setup-swap.sh). On exit
+it detaches with no completion (`detach NAME --no-complete`); then, whatever happened, it checks and
 force-cleans by itself: swapoff if the device is still in /proc/swaps, losetup -d, fusermount3 -u, and
 it ends the supervisor, nbdkit and nbdfuse by PID. A detach that failed, or left something for the
 force-clean, fails the test (unless the body already raised).
@@ -29,14 +30,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbd_postcopy.common.linux import find_swap, is_mounted, loop_backing_file, process_matches
 from nbd_postcopy.device.markers import MarkerCodec
+from nbd_postcopy.host import attachment
+from nbd_postcopy.host.attachment import AttachOptions, CollectingReporter, Settings, State
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"
 
 
 class AttachError(RuntimeError):
-    """setup-swap.sh attach failed; the message holds its output."""
+    """attach failed; the message holds what it reported."""
 
 
 @dataclass
@@ -62,44 +66,8 @@ class AttachedSwap:
         return self.state_dir / "log"
 
 
-def read_state(state_dir: Path) -> dict[str, str]:
-    """The attachment's state file, read by bash itself (setup-swap.sh writes the values %q-quoted)."""
-    names = ("name device state_dir control socket fuse_dir fuse_disk loop_device supervisor_pid nbdkit_pid "
-             "nbdfuse_pid priority size_bytes transport").split()
-    script = '. "$1/state" && shift && for v in "$@"; do printf "%s=%s\\0" "$v" "${!v}"; done'
-    out = subprocess.run(["bash", "-c", script, "bash", str(state_dir), *names],
-                         capture_output=True, text=True, check=True)
-    return dict(item.split("=", 1) for item in out.stdout.split("\0") if item)
-
-
 def in_proc_swaps(device: str) -> bool:
-    real = os.path.realpath(device)
-    with open("/proc/swaps") as swaps:
-        return any(line.split()[0] == real for line in swaps.readlines()[1:])
-
-
-def loop_backing_file(device: str) -> str | None:
-    try:
-        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
-
-
-def is_mounted(path: Path) -> bool:
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == str(path) for line in mounts)
-
-
-def process_matches(pid: int | None, needle: str) -> bool:
-    """PID is alive (not a zombie) and its command line mentions `needle`."""
-    if not pid:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and needle in cmdline
+    return find_swap(device) is not None
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -109,6 +77,46 @@ def processes_mentioning(text: str) -> list[int]:
         if entry.name.isdigit() and entry.name != str(os.getpid()) and process_matches(int(entry.name), text):
             found.append(int(entry.name))
     return found
+
+
+def swaps_line(device: str) -> list[str]:
+    """The /proc/swaps row of `device`, split (AssertionError when it is not an active swap area)."""
+    real = os.path.realpath(device)
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        if line.split()[0] == real:
+            return line.split()
+    raise AssertionError(f"{device} is not in /proc/swaps")
+
+
+def loops_backed_under(directory: Path) -> list[str]:
+    return [
+        f"/dev/{loop.name}"
+        for loop in Path("/sys/block").glob("loop*")
+        if (loop_backing_file(f"/dev/{loop.name}") or "").startswith(str(directory))
+    ]
+
+
+def assert_nothing_left(state_dir: Path, name: str) -> None:
+    """No registry entry, state directory, mount, loop device or process of attachment `name` remains."""
+    registry = Path(os.environ.get("NBD_POSTCOPY_RUN_DIR", "/run/nbd-postcopy"))
+    assert not registry.joinpath(name).exists() and not registry.joinpath(name).is_symlink(), f"registry entry {name}"
+    assert not state_dir.exists(), f"state directory {state_dir}"
+    assert not any(str(state_dir) in line for line in Path("/proc/mounts").read_text().splitlines())
+    assert not loops_backed_under(state_dir)
+    assert not processes_mentioning(str(state_dir))
+
+
+def path_without(run_dir: Path, *tools: str) -> str:
+    """A PATH (RUN_DIR/bin) holding links to every system command except `tools`."""
+    bin_dir = run_dir / "bin"
+    bin_dir.mkdir()
+    for directory in ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"):  # later ones win
+        for entry in os.scandir(directory):
+            if entry.name not in tools:
+                link = bin_dir / entry.name
+                link.unlink(missing_ok=True)
+                link.symlink_to(entry.path)
+    return str(bin_dir)
 
 
 def run_setup_swap(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
@@ -160,39 +168,42 @@ def attached_postcopy_swap(
     priority: int = 32767,
     *,
     standin: str | None = None,
-    attach_args: tuple[str, ...] = (),
+    discard: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[AttachedSwap]:
     """Attach the postcopy device with `plugin_keys` (e.g. source=, pages=, key=) and yield it.
 
     `standin` (e.g. "memory size=64M") runs that nbdkit plugin instead of plugin/postcopy.py, with a
-    mkswap'd header: the testing aid NBD_POSTCOPY_NBDKIT_PLUGIN. `attach_args` go to `attach` before
-    `--` (e.g. ("--no-discard",)). The state directory is RUN_DIR/swap-NAME.
+    mkswap'd header: the testing aid NBD_POSTCOPY_NBDKIT_PLUGIN. `env` holds more of the environment
+    variables attach reads (README, "Environment"). The state directory is RUN_DIR/swap-NAME.
     """
     name = name or f"t{uuid.uuid4().hex[:10]}"
     state_dir = Path(run_dir) / f"swap-{name}"
-    env = dict(env or {})
+    env = dict(os.environ, **(env or {}))
     if standin is not None:
         env["NBD_POSTCOPY_NBDKIT_PLUGIN"] = standin
+    settings = Settings.from_environ(env)
     keys = [f"{key}={value}" for key, value in plugin_keys.items()]
-    result = run_setup_swap("attach", "--name", name, "--priority", str(priority), "--state-dir", str(state_dir),
-                            *attach_args, "--", *keys, env=env)
-    if result.returncode != 0:
-        raise AttachError(f"setup-swap.sh attach failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    state = read_state(state_dir)
+    report = CollectingReporter("setup-swap.sh")
+    try:
+        attachment.attach(AttachOptions(keys, name=name, priority=priority, state_dir=state_dir, discard=discard),
+                          settings, report)
+    except attachment.AttachmentError as exc:
+        raise AttachError(f"attach failed: {exc}\n{report.text}") from exc
+    state = State.load(state_dir)
     swap = AttachedSwap(
         name=name,
-        device=state["device"],
+        device=state.device,
         state_dir=state_dir,
-        control=Path(state["control"]) if state["control"] else None,
-        socket=Path(state["socket"]),
-        fuse_dir=Path(state["fuse_dir"]) if state["fuse_dir"] else None,
-        supervisor_pid=int(state["supervisor_pid"]),
-        nbdkit_pid=int(state["nbdkit_pid"]),
-        nbdfuse_pid=int(state["nbdfuse_pid"]) if state["nbdfuse_pid"] else None,
-        priority=int(state["priority"]),
-        size_bytes=int(state["size_bytes"]),
-        attach_output=result.stdout,
+        control=Path(state.control) if state.control else None,
+        socket=Path(state.socket),
+        fuse_dir=Path(state.fuse_dir) if state.fuse_dir else None,
+        supervisor_pid=state.supervisor_pid,
+        nbdkit_pid=state.nbdkit_pid,
+        nbdfuse_pid=state.nbdfuse_pid,
+        priority=state.priority,
+        size_bytes=state.size_bytes,
+        attach_output=report.text,
     )
     body_failed = False
     try:
@@ -202,12 +213,11 @@ def attached_postcopy_swap(
         raise
     finally:
         problems = []
+        report = CollectingReporter("setup-swap.sh")
         try:
-            detach = run_setup_swap("detach", name, "--no-complete", env=env, timeout=300)
-            if detach.returncode != 0:
-                problems.append(f"detach failed ({detach.returncode}): {detach.stdout}{detach.stderr}")
-        except subprocess.TimeoutExpired:
-            problems.append("detach did not finish within 300 s")
+            attachment.detach(name, complete=False, settings=settings, report=report)
+        except attachment.AttachmentError as exc:
+            problems.append(f"detach failed: {exc}\n{report.text}")
         leftovers = force_clean(swap)
         if leftovers:
             problems.append(f"force-cleaned after detach: {', '.join(leftovers)}")

@@ -3,7 +3,8 @@
 Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, fallocate (hole
 punching), an unlocked read-only file mapping (mmap, munlock, mprotect). Unix socket paths: removing
 a stale one before listening.
-/proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap.
+/proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap, process liveness
+and VmLck, mounts, loop devices.
 Every failure is an OSError whose message says which call on which process or file failed.
 """
 
@@ -13,8 +14,10 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 import socket
 import stat
+import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -446,12 +449,89 @@ def vmstat(*names: str) -> dict[str, int]:
     return values
 
 
-def zswap_enabled() -> bool:
+ZSWAP_SWITCH = "/sys/module/zswap/parameters/enabled"
+
+
+def zswap_setting(switch: str = ZSWAP_SWITCH) -> str | None:
+    """What the zswap switch reads ("Y", "N", ...), or None when it cannot be read (no zswap)."""
     try:
-        with open("/sys/module/zswap/parameters/enabled") as f:
-            return f.read().strip() in ("Y", "1")
-    except FileNotFoundError:
+        with open(switch) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def zswap_enabled(switch: str = ZSWAP_SWITCH) -> bool:
+    """Whether zswap is on: it would keep swapped-out pages compressed in RAM, away from the device."""
+    return (zswap_setting(switch) or "")[:1] in ("Y", "y", "1")
+
+
+# --- processes, mounts, loop devices -----------------------------------------------------------------
+
+
+def process_matches(pid: int | None, needle: str) -> bool:
+    """PID is a live process (not a zombie) whose command line, arguments joined by spaces, contains `needle`."""
+    if not pid:
         return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and needle in cmdline
+
+
+def wait_process_gone(pid: int, needle: str, timeout: float) -> bool:
+    """Wait until process_matches(pid, needle) is false; False if it still is after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while process_matches(pid, needle):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def vm_locked_kib(pid: int) -> int | None:
+    """The process's locked memory (VmLck in /proc/PID/status), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _unescape_mount_field(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    """Whether something is mounted on `path` (exactly that path, as /proc/mounts lists it)."""
+    with open("/proc/mounts") as f:
+        return any(_unescape_mount_field(line.split()[1]) == str(path) for line in f)
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The file behind loop device `device` (/dev/loopN), or None when it is not a bound loop device."""
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """Every loop device (/dev/loopN) whose backing file is `path`."""
+    found = []
+    for entry in sorted(os.listdir("/sys/block")):
+        if entry.startswith("loop") and loop_backing_file(entry) == path:
+            found.append(f"/dev/{entry}")
+    return found
 
 
 def read_direct(path: str, offset: int, length: int = PAGE_SIZE) -> bytes:

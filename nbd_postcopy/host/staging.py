@@ -28,7 +28,6 @@ import contextlib
 import errno
 import logging
 import os
-import shlex
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +39,7 @@ from ..common import linux
 from ..common.units import PAGE_SIZE
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
+from . import attachment
 from .memcg import Memcg, find_by_inode
 from ..common.progress import Progress
 
@@ -493,21 +493,9 @@ def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
 def record_target(device: str, pid: int, address: int, length: int) -> Path | None:
     """Tell `setup-swap.sh detach` what to complete: write STATE/target for the attachment of `device`.
 
-    Attachments are registered in $NBD_POSTCOPY_RUN_DIR (default /run/nbd-postcopy), one entry per name
-    holding a shell-quoted `state` file with `device=`. Returns the file written, or None when `device`
-    was not attached by setup-swap.sh.
+    Returns the file written, or None when `device` is not a registered attachment (see attachment.py).
     """
-    run_dir = Path(os.environ.get("NBD_POSTCOPY_RUN_DIR", "/run/nbd-postcopy"))
-    for entry in sorted(run_dir.glob("*/state")):
-        try:
-            fields = dict(word.split("=", 1) for word in shlex.split(entry.read_text()) if "=" in word)
-        except (OSError, ValueError):
-            continue
-        if fields.get("device") and linux.same_file(fields["device"], device):
-            target = entry.parent / "target"
-            target.write_text(f"target_pid={pid}\ntarget_address={address:#x}\ntarget_length={length}\n")
-            return target
-    return None
+    return attachment.record_target(device, attachment.Target(pid, address, length))
 
 
 def _check_device_map(control: str, pages: int) -> int:

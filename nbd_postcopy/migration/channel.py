@@ -8,8 +8,8 @@ against the host name it dialled). Without certificates everything runs in clear
 
     sender -> receiver                              receiver -> sender
     hello    {version, guest_bytes, memdev}         welcome  {version}      (the VM's shape matches)
-    source   {uri, instance}  (page server, gated)  ready    {migration_uri} (staged, armed, listening)
-    released {}               (the source is gone)  resumed  {switchover_to_resume_ms}
+    source   {uri, instance}  (page server, gated)  ready    {migration_port} (staged, armed, listening)
+    released {}               (the source is gone)  resumed  {}
     abort    {reason}                               progress {remaining, pages}
                                                     local    {}             (every page is local)
                                                     done     {report}
@@ -22,6 +22,7 @@ anything else is a ChannelError, never a guess. See docs/DESIGN.md, "Two hosts".
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import time
@@ -35,8 +36,8 @@ MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"version": int, "guest_bytes": int, "memdev": str},
     "welcome": {"version": int},
     "source": {"uri": str, "instance": str},
-    "ready": {"migration_uri": str},
-    "resumed": {"switchover_to_resume_ms": (int, float)},
+    "ready": {"migration_port": int},
+    "resumed": {},
     "progress": {"remaining": int, "pages": int},
     "local": {},
     "released": {},
@@ -132,6 +133,7 @@ class Channel:
     """One end of an established channel. Blocking; every receive has a deadline."""
 
     def __init__(self, sock: socket.socket, peer: str):
+        _keepalive(sock)
         self._sock = sock
         self.peer = peer
         self.tls = isinstance(sock, ssl.SSLSocket)
@@ -172,11 +174,23 @@ class Channel:
             raise PeerFailed(message.fields.get("message") or message.fields.get("reason"))
         return message
 
+    def poll(self) -> Message | None:
+        """The next message if one has arrived, else None at once (PeerFailed for error or abort)."""
+        if b"\n" not in self._buffer:
+            pending = self._sock.pending() if self.tls else 0
+            if not pending and not select.select([self._sock], [], [], 0)[0]:
+                return None
+        return self.receive(timeout=5.0)
+
     def expect(self, message_type: str, timeout: float) -> Message:
         message = self.receive(timeout)
         if message.type != message_type:
             raise ChannelError(f"{self.peer} sent {message.type} where {message_type} was due")
         return message
+
+    def local_address(self) -> str:
+        """This end's address: where the peer can reach this host."""
+        return self._sock.getsockname()[0]
 
     def close(self) -> None:
         try:
@@ -221,10 +235,10 @@ class Listener:
         self.address = self._sock.getsockname()[:2]
         self.refused: list[str] = []  # peers that failed the TLS handshake, with the reason
 
-    def accept(self, timeout: float | None = None) -> Channel:
+    def accept(self, timeout: float | None = None, on_refused=None) -> Channel:
         """The first sender that completes the TLS handshake (if configured). A peer that fails it (no
-        certificate, one from another CA, plaintext) is closed and noted in `refused`; ChannelError only
-        on the deadline."""
+        certificate, one from another CA, plaintext) is closed, noted in `refused` and passed to
+        `on_refused(text)`; ChannelError only on the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -241,6 +255,8 @@ class Listener:
             except (ssl.SSLError, OSError) as exc:
                 sock.close()
                 self.refused.append(f"{peer}: {_ssl_reason(exc)}")
+                if on_refused is not None:
+                    on_refused(self.refused[-1])
 
     def close(self) -> None:
         self._sock.close()
@@ -250,6 +266,26 @@ class Listener:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a peer that vanished without closing (a host down, a link cut) within about 40 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def free_port(host: str) -> int:
+    """A TCP port that was free on `host` a moment ago."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def bracket(host: str) -> str:
+    """HOST as it goes before :PORT ([v6])."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _ssl_reason(exc: Exception) -> str:

@@ -1,4 +1,5 @@
-"""`nbd-postcopy migrate`: live-migrate a running QEMU VM to a waiting destination QEMU on this host."""
+"""`nbd-postcopy migrate`: live-migrate a running QEMU VM to a waiting destination QEMU, on this host
+(--destination-qmp) or on another host where `nbd-postcopy receive` waits (--to)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import tempfile
 from pathlib import Path
 
 from ..common.command import CommandError
+from ..source.shaping import parse_rate
+from .channel import ChannelError, TlsFiles
 from .migrate import MigrateError, MigrateOptions, migrate
+from .send import SendOptions, migrate_to
 from .ram import RAM_ID
 
 HELP = "live-migrate a QEMU VM: device state through QEMU, RAM through the postcopy swap device"
@@ -33,8 +37,20 @@ If anything fails before the destination resumes, the migration is rolled back: 
 running. After that point the guest needs the source until every page is local; a failure then leaves
 the source, the page server and the swap device running and prints the command that finishes the job.
 
+To another host: run `nbd-postcopy receive --qmp DST.qmp --listen tcp:ADDR:PORT` there first, then here
+  nbd-postcopy migrate --source-qmp SRC.qmp --to tcp:ADDR:PORT [--tls-cert F --tls-key F --tls-ca F]
+The page server listens on --page-listen (default: this host's address towards ADDR, a free port). With
+certificates (all three: this host's certificate and key, and the CA both hosts' certificates are signed
+by), the control channel, the page stream and QEMU's own migration stream are all TLS, and a peer whose
+certificate is not signed by that CA is refused. --prefetch-bandwidth RATE (e.g. 800mbit) caps prefetch
+replies on the egress interface (--interface, default: the route to ADDR) with an HTB tree, so demand
+faults never queue behind them; it is removed on every exit. If the page server dies after the switchover
+it is restarted at once on the same RAM, port and identity, and the destination reconnects.
+
 Examples:
   nbd-postcopy migrate --source-qmp /run/vm-src.qmp --destination-qmp /run/vm-dst.qmp
+  nbd-postcopy migrate --source-qmp /run/vm-src.qmp --to tcp:10.0.0.2:7777 --tls-cert host.pem \
+      --tls-key host-key.pem --tls-ca ca.pem --prefetch-bandwidth 800mbit
   nbd-postcopy migrate --source-qmp src.qmp --destination-qmp dst.qmp --keep-source --work-dir /run/mig1
 """
 
@@ -42,8 +58,20 @@ Examples:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-qmp", required=True, type=Path, metavar="SOCKET",
                         help="QMP Unix socket of the running source QEMU")
-    parser.add_argument("--destination-qmp", required=True, type=Path, metavar="SOCKET",
-                        help="QMP Unix socket of the destination QEMU (started with -incoming defer)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--destination-qmp", type=Path, metavar="SOCKET",
+                       help="QMP Unix socket of the destination QEMU on this host (started with -incoming defer)")
+    where.add_argument("--to", type=_tcp_address, metavar="tcp:HOST:PORT",
+                       help="the `nbd-postcopy receive` waiting on another host")
+    tls = parser.add_argument_group("two hosts (--to)")
+    tls.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
+    tls.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
+    tls.add_argument("--tls-ca", metavar="F", help="the CA that signs both hosts' certificates (PEM)")
+    tls.add_argument("--page-listen", type=_tcp_address, metavar="tcp:ADDR:PORT",
+                     help="where the page server listens (default: this host's address towards --to, a free port)")
+    tls.add_argument("--prefetch-bandwidth", type=_rate, metavar="RATE",
+                     help="cap prefetch replies at RATE (e.g. 800mbit) with HTB on the egress interface")
+    tls.add_argument("--interface", metavar="DEV", help="the interface to shape (default: the route to --to)")
     parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
                         help=f"id of the memory backend holding guest RAM on both sides (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
@@ -54,7 +82,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
 
 
+def _tcp_address(text: str) -> tuple[str, int]:
+    kind, _, rest = text.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want tcp:HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.to is not None:
+        return _run_to(args)
+    if any((args.tls_cert, args.tls_key, args.tls_ca, args.page_listen, args.prefetch_bandwidth, args.interface)):
+        raise CommandError("--tls-*, --page-listen, --prefetch-bandwidth and --interface go with --to")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-mig-", dir="/tmp"))
     options = MigrateOptions(args.source_qmp, args.destination_qmp, work_dir, memdev=args.memdev,
                              release_source=not args.keep_source, quiet=args.quiet)
@@ -65,4 +112,28 @@ def run(args: argparse.Namespace) -> int:
     if args.work_dir is None:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(report.summary())
+    return 0
+
+
+def _run_to(args: argparse.Namespace) -> int:
+    try:
+        tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    except ChannelError as exc:
+        raise CommandError(str(exc)) from None
+    if args.interface and not args.prefetch_bandwidth:
+        raise CommandError("--interface goes with --prefetch-bandwidth")
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-mig-", dir="/tmp"))
+    host, port = args.to
+    options = SendOptions(args.source_qmp, host, port, work_dir, tls=tls, page_listen=args.page_listen,
+                          prefetch_bandwidth=args.prefetch_bandwidth, interface=args.interface, memdev=args.memdev,
+                          release_source=not args.keep_source, quiet=args.quiet)
+    try:
+        report, details = migrate_to(options)
+    except (MigrateError, ChannelError) as exc:
+        raise CommandError(f"{exc}\n(work directory kept: {work_dir})") from None
+    if args.work_dir is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(report.summary())
+    print(f"source reconnects:         {details.get('reconnects', 0)} "
+          f"({details.get('outage_seconds', 0.0):.1f} s without the source)")
     return 0

@@ -41,6 +41,7 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
@@ -51,8 +52,6 @@ from ..host.staging import stage_range
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"
 SERVER_START_TIMEOUT = 10.0
 PREFETCH_STALL_SECONDS = 5.0
 
@@ -183,8 +182,8 @@ class _Migration:
             if released_at is not None:
                 raise MigrateError(
                     f"completion failed after the source was released: {exc}. Every page is on the swap device "
-                    f"{self.swap_name}, which was left attached; retry with '{SETUP_SWAP} detach {self.swap_name} "
-                    f"--pid {dst_pid} --address {dst_ram.address:#x} --length {dst_ram.length}'") from exc
+                    f"{self.swap_name}, which was left attached; retry with "
+                    f"'{attachment.detach_command(self.swap_name, dst_pid, dst_ram.address, dst_ram.length)}'") from exc
             if _exited(dst_pid):
                 self._stop_server()
                 self._detach()
@@ -197,8 +196,7 @@ class _Migration:
                 f"completion failed after the switchover: {exc}. The guest runs at the destination and still "
                 f"needs the source: the source QEMU (pid {src_pid}), the page server (pid {self.server.pid}) "
                 f"and the swap device {self.swap_name} were left running; retry with "
-                f"'{SETUP_SWAP} detach {self.swap_name} --pid {dst_pid} --address {dst_ram.address:#x} "
-                f"--length {dst_ram.length}'") from exc
+                f"'{attachment.detach_command(self.swap_name, dst_pid, dst_ram.address, dst_ram.length)}'") from exc
         status = self._device("status")
         if not status.get("complete"):
             raise MigrateError(
@@ -279,13 +277,15 @@ class _Migration:
         keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
                 f"metrics=127.0.0.1:{self.metrics_port}"]
         self.say(f"attaching the destination swap device ({self.swap_name})")
-        result = subprocess.run([str(SETUP_SWAP), "attach", "--name", self.swap_name, "--state-dir",
-                                 str(self.swap_state), "--", *keys], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise MigrateError(f"attaching the swap device failed:\n{(result.stdout + result.stderr).strip()}")
+        report = attachment.CollectingReporter()
+        options = attachment.AttachOptions(keys, name=self.swap_name, state_dir=self.swap_state)
+        try:
+            swap = attachment.attach(options, report=report)
+        except attachment.AttachmentError as exc:
+            output = report.text if exc.reported else f"{exc}\n{report.text}"
+            raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
         self.attached = True
-        state = _read_state(self.swap_state)
-        self.device, self.control = state["device"], Path(state["control"])
+        self.device, self.control = swap.state.device, Path(swap.state.control)
 
     def _device(self, command: str) -> dict:
         try:
@@ -378,10 +378,11 @@ class _Migration:
     def _detach(self) -> None:
         if not self.attached:
             return
-        result = subprocess.run([str(SETUP_SWAP), "detach", self.swap_name, "--no-complete"],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            log.error("detaching %s failed: %s", self.swap_name, (result.stdout + result.stderr).strip())
+        report = attachment.CollectingReporter()
+        try:
+            attachment.detach(self.swap_name, complete=False, report=report)
+        except attachment.AttachmentError as exc:
+            log.error("detaching %s failed: %s\n%s", self.swap_name, exc, report.text)
         else:
             self.attached = False
 
@@ -421,14 +422,6 @@ def _memdev_property(qmp: Qmp, memdev: str, name: str):
         return qmp.execute("qom-get", path=f"/objects/{memdev}", property=name)
     except VmError as exc:
         raise MigrateError(f"cannot read {name} of memory backend {memdev!r}: {exc}") from None
-
-
-def _read_state(state_dir: Path) -> dict[str, str]:
-    """setup-swap.sh's state file, read by bash itself (it writes the values %q-quoted)."""
-    script = '. "$1/state" && printf "%s\\0%s\\0" "$device" "$control"'
-    out = subprocess.run(["bash", "-c", script, "bash", str(state_dir)], capture_output=True, text=True, check=True)
-    device, control, _ = out.stdout.split("\0")
-    return {"device": device, "control": control}
 
 
 def _exited(pid: int) -> bool:

@@ -157,6 +157,7 @@ class Vm:
     append: str = ""
     extra_qmp: int = 0
     extra_args: list[str] = field(default_factory=list)
+    wrapper: list[str] = field(default_factory=list)  # e.g. nsenter --net=...: it must exec QEMU (same PID)
 
     process: subprocess.Popen | None = field(default=None, init=False)
     qmp: Qmp = field(init=False)
@@ -208,7 +209,7 @@ class Vm:
     def start(self, timeout: float = 10.0) -> Vm:
         if self.ram == "file":
             self._owns_ram_file = not self.ram_file.exists()
-        argv = self.command()
+        argv = [*self.wrapper, *self.command()]
         log.debug("starting %s: %s", self.name, " ".join(argv))
         with open(self.stderr_log, "wb") as stderr:
             self.process = subprocess.Popen(

@@ -1,8 +1,10 @@
-"""scripts/setup-swap.sh end to end: real nbdkit with plugin/postcopy.py, nbdfuse, loop, kernel swap.
+"""scripts/setup-swap.sh itself, end to end: real nbdkit with plugin/postcopy.py, nbdfuse, loop, kernel swap.
 
-The source is a real `nbd-postcopy serve` on a sparse image: an unarmed device never fetches, so its
-contents do not matter here. Every test checks that nothing is left behind: no swap area, loop device,
-FUSE mount, process, registry entry or state directory.
+These run the script (help, usage errors, the attach / status / detach round trip, rollback on failure
+and on a signal, running as non-root); test_attachment.py drives the same code through its Python API.
+The source is a real `nbd-postcopy serve` on a sparse image (the plugin_keys fixture): an unarmed device
+never fetches, so its contents do not matter here. Every test checks that nothing is left behind: no
+swap area, loop device, FUSE mount, process, registry entry or state directory.
 """
 
 from __future__ import annotations
@@ -17,51 +19,24 @@ from pathlib import Path
 
 import pytest
 
+from nbd_postcopy.host.attachment import State
 from tests.conftest import wait_for_path
+from tests.host.conftest import GUEST_PAGES
 from tests.swapdev import (
     SETUP_SWAP,
     AttachError,
+    assert_nothing_left,
     attached_postcopy_swap,
     in_proc_swaps,
-    is_mounted,
-    loop_backing_file,
+    path_without,
     process_matches,
-    processes_mentioning,
-    read_state,
     run_setup_swap,
+    swaps_line,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (swap, loop devices, FUSE)")
 
-REGISTRY = Path(os.environ.get("NBD_POSTCOPY_RUN_DIR", "/run/nbd-postcopy"))
-GUEST_PAGES = 16384  # 64 MiB
 LOCKED_BOUND_KIB = 1024 * 1024  # nbdkit's locked memory must stay well below this (see the README)
-
-
-@pytest.fixture
-def plugin_keys(run_dir, processes) -> dict[str, object]:
-    """Keys for a 64 MiB postcopy device whose source is a real `nbd-postcopy serve` on a sparse image.
-
-    Name: plugin_keys   Scope: function   Depends: run_dir, processes
-    An unarmed device never fetches, so the image's contents do not matter here.
-    """
-    image = run_dir / "source.img"
-    with open(image, "wb") as f:
-        f.truncate(GUEST_PAGES * 4096)
-    sock = run_dir / "source.sock"
-    server = processes.start(["nbd-postcopy", "serve", "--file", image, "--listen", f"unix:{sock}"])
-    wait_for_path(sock, proc=server)
-    key = run_dir / "key"
-    key.write_bytes(os.urandom(32))
-    return {"source": f"nbd+unix:///?socket={sock}", "pages": GUEST_PAGES, "key": key}
-
-
-def swaps_line(device: str) -> list[str]:
-    real = os.path.realpath(device)
-    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
-        if line.split()[0] == real:
-            return line.split()
-    raise AssertionError(f"{device} is not in /proc/swaps")
 
 
 def vm_locked_kib(pid: int) -> int:
@@ -69,22 +44,6 @@ def vm_locked_kib(pid: int) -> int:
         if line.startswith("VmLck:"):
             return int(line.split()[1])
     raise AssertionError("no VmLck line")
-
-
-def loops_backed_under(directory: Path) -> list[str]:
-    return [
-        f"/dev/{loop.name}"
-        for loop in Path("/sys/block").glob("loop*")
-        if (loop_backing_file(f"/dev/{loop.name}") or "").startswith(str(directory))
-    ]
-
-
-def assert_nothing_left(state_dir: Path, name: str) -> None:
-    assert not REGISTRY.joinpath(name).exists() and not REGISTRY.joinpath(name).is_symlink(), f"registry entry {name}"
-    assert not state_dir.exists(), f"state directory {state_dir}"
-    assert not any(str(state_dir) in line for line in Path("/proc/mounts").read_text().splitlines())
-    assert not loops_backed_under(state_dir)
-    assert not processes_mentioning(str(state_dir))
 
 
 def attach(run_dir: Path, name: str, keys: dict, *options: str, env: dict | None = None,
@@ -100,38 +59,49 @@ def attach(run_dir: Path, name: str, keys: dict, *options: str, env: dict | None
 @pytest.mark.slow
 def test_attach_status_detach(run_dir, plugin_keys, swap_lock):
     name = f"t{os.getpid()}a"
-    with attached_postcopy_swap(run_dir, plugin_keys, name=name) as swap:
-        assert swap.attach_output.startswith(f"attached {name}: {swap.device} (swap priority 32767, ")
-        assert f"nbdkit pid {swap.nbdkit_pid})" in swap.attach_output
+    state_dir = run_dir / name
+    try:
+        result = attach(run_dir, name, plugin_keys)
+        assert result.returncode == 0, result.stderr
+        state = State.load(state_dir)
+        assert result.stdout.startswith(f"attached {name}: {state.device} (swap priority 32767, ")
+        assert f"nbdkit pid {state.nbdkit_pid})" in result.stdout
 
         # The swap area: the plugin's own header, guest pages plus headroom, the highest priority.
-        fields = swaps_line(swap.device)
-        assert int(fields[2]) * 1024 == swap.size_bytes - 4096  # every slot but the header
-        assert swap.size_bytes >= (GUEST_PAGES + 1) * 4096
+        fields = swaps_line(state.device)
+        assert int(fields[2]) * 1024 == state.size_bytes - 4096  # every slot but the header
+        assert state.size_bytes >= (GUEST_PAGES + 1) * 4096
         assert int(fields[4]) == 32767
-        assert Path(f"/sys/block/{Path(swap.device).name}/loop/dio").read_text().strip() == "1"
+        assert Path(f"/sys/block/{Path(state.device).name}/loop/dio").read_text().strip() == "1"
 
         # nbdkit is memory-locked, and the lock is bounded.
-        locked = vm_locked_kib(swap.nbdkit_pid)
+        locked = vm_locked_kib(state.nbdkit_pid)
         print(f"nbdkit with plugin/postcopy.py (64 MiB device, -t 4): VmLck {locked} KiB")
         assert 0 < locked < LOCKED_BOUND_KIB
 
         text = run_setup_swap("status", name, check=True).stdout
-        assert f"{name}: {swap.device} (fuse, " in text
+        assert f"{name}: {state.device} (fuse, " in text
         assert "swap: active, priority 32767" in text
-        assert f"nbdkit {swap.nbdkit_pid} alive" in text
+        assert f"nbdkit {state.nbdkit_pid} alive" in text
         assert "plugin: armed " in text
 
         (entry,) = json.loads(run_setup_swap("status", name, "--json", check=True).stdout)
-        assert entry["device"] == swap.device and entry["swap_active"] and entry["priority"] == 32767
+        assert entry["device"] == state.device and entry["swap_active"] and entry["priority"] == 32767
         nbdkit = entry["processes"]["nbdkit"]
-        assert (nbdkit["pid"], nbdkit["state"]) == (swap.nbdkit_pid, "alive") and nbdkit["locked_kib"] > 0
+        assert (nbdkit["pid"], nbdkit["state"]) == (state.nbdkit_pid, "alive") and nbdkit["locked_kib"] > 0
         assert entry["plugin"]["armed"] is False and "remaining" in entry["plugin"]
 
         everything = json.loads(run_setup_swap("status", "--json", check=True).stdout)
         assert name in [e["name"] for e in everything]
-    assert not in_proc_swaps(swap.device)
-    assert_nothing_left(swap.state_dir, name)
+
+        detach = run_setup_swap("detach", name, timeout=300)
+        assert detach.returncode == 0, detach.stderr
+        assert f"no target process known (no --pid, no {state_dir}/target)" in detach.stdout
+        assert f"detached {name}: {state.device}" in detach.stdout
+        assert not in_proc_swaps(state.device)
+    finally:
+        run_setup_swap("detach", name, "--no-complete", timeout=300)
+    assert_nothing_left(state_dir, name)
 
 
 PAGEOUT_CHILD = r"""
@@ -166,8 +136,8 @@ def test_attachment_outlives_the_script(run_dir, plugin_keys, swap_lock):
         assert shell.returncode == 0, shell.stderr
         shell_pid = int(shell.stdout.split("shell ")[1])
         assert not Path(f"/proc/{shell_pid}").exists()  # the shell is gone
-        state = read_state(state_dir)
-        supervisor, nbdkit, device = int(state["supervisor_pid"]), int(state["nbdkit_pid"]), state["device"]
+        state = State.load(state_dir)
+        supervisor, nbdkit, device = state.supervisor_pid, state.nbdkit_pid, state.device
         assert process_matches(supervisor, "nbd_postcopy.host.supervisor") and process_matches(nbdkit, "nbdkit")
         assert os.getsid(supervisor) == supervisor
 
@@ -193,51 +163,17 @@ def test_attachment_outlives_the_script(run_dir, plugin_keys, swap_lock):
     assert_nothing_left(state_dir, name)
 
 
-# --- refusals ---------------------------------------------------------------------------------------
+def test_works_through_a_symlink_from_any_directory(run_dir):
+    """The script finds its checkout (and runs that checkout's code) when called through a link."""
+    link = run_dir / "setup-swap"
+    link.symlink_to(SETUP_SWAP)
+    result = subprocess.run([str(link), "status", "--json"], capture_output=True, text=True, cwd="/",
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
 
 
-def test_refuses_when_zswap_is_on(run_dir, plugin_keys):
-    switch = run_dir / "zswap-enabled"
-    switch.write_text("Y\n")
-    result = attach(run_dir, "tzswap", plugin_keys, env={"NBD_POSTCOPY_ZSWAP_ENABLED": str(switch)})
-    assert result.returncode == 1
-    assert f"zswap is on ({switch} = Y)" in result.stderr
-    assert "echo N > /sys/module/zswap/parameters/enabled" in result.stderr
-    assert_nothing_left(run_dir / "tzswap", "tzswap")
-
-
-@pytest.mark.slow
-def test_refuses_when_real_zswap_is_on(run_dir, plugin_keys, swap_lock):
-    knob = Path("/sys/module/zswap/parameters/enabled")
-    before = knob.read_text().strip()
-    try:
-        knob.write_text("Y")
-        result = attach(run_dir, "tzswap2", plugin_keys)
-    finally:
-        knob.write_text(before)
-    assert result.returncode == 1
-    assert f"zswap is on ({knob} = Y)" in result.stderr
-    assert_nothing_left(run_dir / "tzswap2", "tzswap2")
-
-
-def path_without(run_dir: Path, *tools: str) -> str:
-    """A PATH holding links to every system command except `tools`."""
-    bin_dir = run_dir / "bin"
-    bin_dir.mkdir()
-    for directory in ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"):  # later ones win
-        for entry in os.scandir(directory):
-            if entry.name not in tools:
-                link = bin_dir / entry.name
-                link.unlink(missing_ok=True)
-                link.symlink_to(entry.path)
-    return str(bin_dir)
-
-
-def test_refuses_when_a_tool_is_missing(run_dir, plugin_keys):
-    result = attach(run_dir, "ttool", plugin_keys, env={"PATH": path_without(run_dir, "nbdfuse", "fusermount3")})
-    assert result.returncode == 1
-    assert "missing tool(s): nbdfuse fusermount3" in result.stderr
-    assert_nothing_left(run_dir / "ttool", "ttool")
+# --- refusals and rollback ----------------------------------------------------------------------------
 
 
 def test_refuses_when_not_root(run_dir, plugin_keys):
@@ -248,27 +184,14 @@ def test_refuses_when_not_root(run_dir, plugin_keys):
     assert_nothing_left(run_dir / "troot", "troot")
 
 
-@pytest.mark.slow
-def test_refuses_a_taken_name(run_dir, plugin_keys, swap_lock):
-    name = f"t{os.getpid()}d"
-    with attached_postcopy_swap(run_dir, plugin_keys, name=name) as swap:
-        result = attach(run_dir, name, plugin_keys)
-        assert result.returncode == 1
-        assert f"the name '{name}' is taken" in result.stderr
-        assert not (run_dir / name).exists()
-        # The first attachment is untouched.
-        assert swaps_line(swap.device)
-        assert process_matches(swap.nbdkit_pid, "nbdkit")
-    assert_nothing_left(swap.state_dir, name)
-
-
 def test_bad_plugin_key_leaves_nothing(run_dir, plugin_keys):
     """nbdkit refuses the key after the state directory exists: attach undoes it all."""
     result = attach(run_dir, "tbadkey", {**plugin_keys, "no-such-key": "1"})
     assert result.returncode == 1
-    assert "starting nbdkit failed" in result.stderr
+    assert "setup-swap.sh: attach: starting nbdkit failed" in result.stderr
     assert "no-such-key" in result.stderr  # the plugin's own complaint, from the log
-    assert "undone; nothing is left behind" in result.stderr
+    assert "setup-swap.sh: attach: undoing the steps done so far" in result.stderr
+    assert "setup-swap.sh: attach: undone; nothing is left behind" in result.stderr
     assert_nothing_left(run_dir / "tbadkey", "tbadkey")
 
 
@@ -284,109 +207,6 @@ def test_failure_after_losetup_undoes_every_step(run_dir, plugin_keys, swap_lock
     assert "simulated failure" in result.stderr
     assert "undone; nothing is left behind" in result.stderr
     assert_nothing_left(run_dir / "tswapon", "tswapon")
-
-
-# --- usage ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("command", ["attach", "detach", "status"])
-def test_help_per_command(command):
-    result = run_setup_swap(command, "--help", check=True)
-    assert result.stdout.startswith(f"Usage: setup-swap.sh {command}")
-
-
-def test_usage_errors():
-    assert run_setup_swap("--help", check=True).stdout.startswith("Usage: setup-swap.sh COMMAND")
-    for args, message in [
-        (("frobnicate",), "unknown command 'frobnicate'"),
-        (("attach", "--priority", "40000", "--", "a=b"), "bad --priority '40000'"),
-        (("attach", "--transport", "tcp", "--", "a=b"), "bad --transport 'tcp'"),
-        (("attach", "--name", "../x", "--", "a=b"), "bad name '../x'"),
-        (("attach", "--", "notakey"), "bad plugin argument 'notakey'"),
-        (("attach",), "no plugin keys"),
-        (("detach",), "give exactly one NAME"),
-        (("detach", "x", "--pid", "1"), "--pid, --address and --length go together"),
-    ]:
-        result = run_setup_swap(*args)
-        assert result.returncode == 2, args
-        assert message in result.stderr, (args, result.stderr)
-
-
-def test_detach_of_an_unknown_name_is_a_no_op():
-    result = run_setup_swap("detach", "never-attached-here")
-    assert result.returncode == 0
-    assert "never-attached-here is not attached; nothing to do" in result.stdout
-
-
-def test_status_of_an_unknown_name_fails():
-    result = run_setup_swap("status", "never-attached-here")
-    assert result.returncode == 1
-    assert "never-attached-here is not attached" in result.stderr
-
-
-def test_swapdev_reports_attach_failure(run_dir, plugin_keys):
-    with pytest.raises(AttachError, match="no-such-key"):
-        with attached_postcopy_swap(run_dir, {**plugin_keys, "no-such-key": 1}, name="tswapdev"):
-            pass
-    assert_nothing_left(run_dir / "swap-tswapdev", "tswapdev")
-
-
-# --- detach -----------------------------------------------------------------------------------------
-
-TARGET_CHILD = r"""
-import ctypes, mmap, sys
-size = 1 << 20
-buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-buf[:] = b"x" * size
-address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-print(hex(address), size, flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.mark.slow
-def test_detach_runs_completion_for_the_recorded_target(run_dir, plugin_keys, swap_lock):
-    """detach reads STATE/target (written by the stager) and runs nbd-postcopy complete on it first."""
-    target = subprocess.Popen([sys.executable, "-c", TARGET_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    name = f"t{os.getpid()}c"
-    state_dir = run_dir / name
-    try:
-        address, length = target.stdout.readline().split()
-        result = attach(run_dir, name, plugin_keys)
-        assert result.returncode == 0, result.stderr
-        (state_dir / "target").write_text(f"target_pid={target.pid}\ntarget_address={address}\ntarget_length={length}\n")
-        detach = run_setup_swap("detach", name, timeout=300)
-        assert detach.returncode == 0, detach.stderr
-        assert f"completing: nbd-postcopy complete --pid {target.pid} --address {address} --length {length}" \
-            f" --control {state_dir / 'control.sock'}" in detach.stdout
-        assert f"detached {name}: /dev/loop" in detach.stdout
-    finally:
-        run_setup_swap("detach", name, "--no-complete", timeout=300)
-        target.stdin.close()
-        target.wait(10)
-    assert_nothing_left(state_dir, name)
-
-
-@pytest.mark.slow
-def test_detach_stops_at_a_failing_swapoff(run_dir, plugin_keys, swap_lock):
-    """swapoff failing (e.g. ENOMEM) must leave the device and nbdkit alone: the pages are still needed."""
-    bin_dir = Path(path_without(run_dir, "swapoff"))
-    (bin_dir / "swapoff").write_text("#!/bin/sh\necho \"swapoff: $1: swapoff failed: Cannot allocate memory\" >&2\n"
-                                     "exit 255\n")
-    (bin_dir / "swapoff").chmod(0o755)
-    with attached_postcopy_swap(run_dir, plugin_keys) as swap:
-        result = run_setup_swap("detach", swap.name, "--no-complete", env={"PATH": str(bin_dir)})
-        assert result.returncode == 1
-        assert f"swapoff {swap.device} failed: swapoff: {swap.device}: swapoff failed: Cannot allocate memory" \
-            in result.stderr
-        assert "Nothing else was touched" in result.stderr
-        assert f"{swap.name} is only partly detached" in result.stderr
-        assert in_proc_swaps(swap.device)
-        assert loop_backing_file(swap.device) == str(swap.fuse_dir / "disk")
-        assert is_mounted(swap.fuse_dir)
-        assert process_matches(swap.nbdkit_pid, "nbdkit") and process_matches(swap.supervisor_pid, "supervisor")
-    assert_nothing_left(swap.state_dir, swap.name)
 
 
 @pytest.mark.slow
@@ -409,3 +229,69 @@ def test_interrupted_attach_leaves_nothing(run_dir, plugin_keys, swap_lock):
     assert proc.returncode == 143, stderr
     assert "undone; nothing is left behind" in stderr
     assert_nothing_left(state_dir, name)
+
+
+def test_swapdev_reports_attach_failure(run_dir, plugin_keys):
+    with pytest.raises(AttachError, match="no-such-key"):
+        with attached_postcopy_swap(run_dir, {**plugin_keys, "no-such-key": 1}, name="tswapdev"):
+            pass
+    assert_nothing_left(run_dir / "swap-tswapdev", "tswapdev")
+
+
+# --- usage ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["attach", "detach", "status"])
+def test_help_per_command(command):
+    result = run_setup_swap(command, "--help", check=True)
+    assert result.stdout.startswith(f"Usage: setup-swap.sh {command}")
+
+
+def test_usage_errors():
+    assert run_setup_swap("--help", check=True).stdout.startswith("Usage: setup-swap.sh COMMAND")
+    nothing = run_setup_swap()
+    assert nothing.returncode == 2 and nothing.stderr.startswith("Usage: setup-swap.sh COMMAND")
+    for args, message in [
+        (("frobnicate",), "setup-swap.sh: unknown command 'frobnicate'"),
+        (("attach", "--priority", "40000", "--", "a=b"), "setup-swap.sh: attach: bad --priority '40000'"),
+        (("attach", "--threads", "0", "--", "a=b"), "bad --threads '0': want 1..64"),
+        (("attach", "--transport", "tcp", "--", "a=b"), "bad --transport 'tcp'"),
+        (("attach", "--name", "../x", "--", "a=b"), "bad name '../x'"),
+        (("attach", "--name"), "--name needs a value"),
+        (("attach", "--frob", "--", "a=b"), "unknown option '--frob' (plugin keys go after --)"),
+        (("attach", "a=b"), "unknown option 'a=b' (plugin keys go after --)"),
+        (("attach", "--", "notakey"), "bad plugin argument 'notakey'"),
+        (("attach",), "no plugin keys"),
+        (("detach",), "give exactly one NAME"),
+        (("detach", "x", "--pid", "1"), "--pid, --address and --length go together"),
+        (("detach", "x", "--frob"), "unknown option '--frob'"),
+        (("status", "a", "b"), "give at most one NAME"),
+    ]:
+        result = run_setup_swap(*args)
+        assert result.returncode == 2, args
+        assert message in result.stderr, (args, result.stderr)
+        if args != ("frobnicate",):
+            assert f"Run 'setup-swap.sh {args[0]} --help' for usage." in result.stderr
+
+
+def test_detach_of_an_unknown_name_is_a_no_op():
+    result = run_setup_swap("detach", "never-attached-here")
+    assert result.returncode == 0
+    assert "never-attached-here is not attached; nothing to do" in result.stdout
+
+
+def test_status_of_an_unknown_name_fails():
+    result = run_setup_swap("status", "never-attached-here")
+    assert result.returncode == 1
+    assert "setup-swap.sh: status: never-attached-here is not attached" in result.stderr
+
+
+def test_nbd_postcopy_swap_is_the_same_command():
+    """`nbd-postcopy swap` (an installed product without scripts/) runs the same code, named so."""
+    cli = [sys.executable, "-m", "nbd_postcopy.cli", "swap"]
+    result = subprocess.run([*cli, "attach", "--help"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("Usage: nbd-postcopy swap attach")
+    result = subprocess.run([*cli, "status", "a", "b"], capture_output=True, text=True)
+    assert result.returncode == 2 and "nbd-postcopy swap: status: give at most one NAME" in result.stderr
+    result = subprocess.run([*cli, "detach", "never-attached-here"], capture_output=True, text=True)
+    assert result.returncode == 0 and "never-attached-here is not attached; nothing to do" in result.stdout

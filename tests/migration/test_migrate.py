@@ -15,7 +15,8 @@ from nbd_postcopy.testbench.guest import Failure, Heartbeat, PassOk, prepare_gue
 from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
 from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
 from nbd_postcopy.common.qmp import VmError
-from tests.swapdev import processes_mentioning, read_state, run_setup_swap
+from nbd_postcopy.host.attachment import State
+from tests.swapdev import processes_mentioning, run_setup_swap
 
 MIB = 1 << 20
 
@@ -197,7 +198,7 @@ def test_the_source_goes_before_completion_and_a_failure_then_keeps_the_device(g
         finally:  # whatever happened above: no device and no page server outlive the test
             state_dir = run_dir / "mig" / "swap"
             if state_dir.exists():
-                run_setup_swap("detach", read_state(state_dir)["name"], "--no-complete")
+                run_setup_swap("detach", State.load(state_dir).name, "--no-complete")
             for pid in processes_mentioning(str(run_dir / "mig" / "source.sock")):
                 os.kill(pid, signal.SIGTERM)
     _nothing_left(run_dir)

@@ -1,0 +1,372 @@
+"""`nbd-postcopy receive`: the destination half of a migration between two hosts (docs/DESIGN.md, "Two hosts").
+
+It waits on --listen for one `nbd-postcopy migrate --to`, for the destination QEMU behind --qmp (started
+with -incoming defer and anonymous RAM), and then, over the control channel (migration/channel.py):
+
+  hello      check the VM's shape: the same RAM size, the memdev, -incoming defer, anonymous RAM; welcome
+  source     the sender's page server, gate closed: generate the migration key here (it never leaves this
+             host), attach the device pinned to that server's identity (source-id=), stage the RAM, arm
+  ready      QEMU listens for the device state (x-ignore-shared; TLS with certificates)
+  resumed    the guest runs here; progress while the prefetcher pulls; local once every page is here
+  released   the source is gone (or the channel is): completion, detach, done with the report
+
+The phase decides what a failure does: before the guest resumes, everything is rolled back (QEMU told to
+quit, the device detached, the sender told so that the source keeps running); after it, the guest needs
+the source until every page is here, so the device stays and the error says how to finish.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import quote
+
+from ..common.progress import Progress
+from ..common.qmp import Qmp, QmpEvent, VmError
+from ..device.control import ControlError, request
+from ..device.markers import MarkerCodec
+from ..host import attachment
+from ..host.completion import complete_range
+from ..host.staging import stage_range
+from . import channel as ch
+from .migrate import (
+    MigrateError,
+    _connect,
+    _exited,
+    _free_port,
+    _memdev_property,
+    _wait_gone,
+    histogram_quantiles,
+)
+from .ram import RAM_ID, RamRegion, ram_region_of
+
+log = logging.getLogger(__name__)
+
+ACCEPT_TIMEOUT = None  # wait for a sender as long as it takes (Ctrl-C stops)
+STEP_TIMEOUT = 120.0  # seconds for the sender's next message while it works (migration of device state)
+PROGRESS_INTERVAL = 0.25
+RELEASE_TIMEOUT = 30.0  # seconds to wait for the sender's "released" once every page is here
+
+
+class Phase(enum.IntEnum):
+    WAITING = 0
+    CHECKED = 1
+    ATTACHED = 2
+    ARMED = 3
+    LISTENING = 4
+    RESUMED = 5  # from here on the guest runs here and needs the source until LOCAL
+    LOCAL = 6
+    DONE = 7
+
+
+@dataclass
+class ReceiveOptions:
+    qmp: Path
+    listen_host: str
+    listen_port: int
+    work_dir: Path
+    tls: ch.TlsFiles | None = None
+    memdev: str = RAM_ID
+    timeout: float | None = None  # the plugin's timeout=: how long a swap-in waits for an unreachable source
+    quiet: bool = False
+    stream: TextIO | None = None
+
+
+class Receiver:
+    def __init__(self, options: ReceiveOptions):
+        self.o = options
+        self.work = Path(options.work_dir)
+        self.stream = options.stream if options.stream is not None else sys.stderr
+        self.phase = Phase.WAITING
+        self.swap_name = f"rcv{uuid.uuid4().hex[:8]}"
+        self.swap_state = self.work / "swap"
+        self.metrics_port = _free_port()
+        self.channel: ch.Channel | None = None
+        self.control: Path | None = None
+        self.dst_pid = 0
+
+    def say(self, message: str) -> None:
+        if not self.o.quiet:
+            print(f"receive: {message}", file=self.stream, flush=True)
+
+    def _enter(self, phase: Phase) -> None:
+        if phase != self.phase + 1:
+            raise AssertionError(f"receive: wrong phase {phase.name} after {self.phase.name}")  # a bug here
+        self.phase = phase
+
+    def run(self) -> dict:
+        self.work.mkdir(parents=True, exist_ok=True)
+        qmp = _connect(self.o.qmp, "destination")
+        try:
+            with ch.Listener(self.o.listen_host, self.o.listen_port, self.o.tls) as listener:
+                if self.o.tls is None:
+                    self.say("warning: no certificates: the control channel, the page stream and QEMU's "
+                             "migration stream run in clear")
+                self.say(f"waiting for a sender on {self.o.listen_host}:{listener.address[1]}")
+                self.channel = listener.accept(ACCEPT_TIMEOUT,
+                                               on_refused=lambda why: self.say(f"refused a sender: {why}"))
+            self.say(f"sender {self.channel.peer} connected" + (" (TLS)" if self.channel.tls else ""))
+            try:
+                return self._run(qmp)
+            except BaseException as exc:
+                self._fail(qmp, exc)
+                raise
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+            qmp.close()
+
+    def _run(self, qmp: Qmp) -> dict:
+        chan = self.channel
+        hello = chan.expect("hello", STEP_TIMEOUT)
+        dst_pid = self.dst_pid = qmp.peer_pid()
+        ram = self._check(qmp, dst_pid, hello)
+        chan.send("welcome", version=ch.PROTOCOL_VERSION)
+        self._enter(Phase.CHECKED)
+
+        source = chan.expect("source", STEP_TIMEOUT)
+        key = self.work / "key"
+        key.write_bytes(os.urandom(32))
+        os.chmod(key, 0o600)
+        device = self._attach(source["uri"], source["instance"], ram.length, key)
+        self._enter(Phase.ATTACHED)
+        self.say(f"staging {ram.length >> 20} MiB of guest RAM (QEMU pid {dst_pid}) onto {device}")
+        stage = stage_range(dst_pid, ram.address, ram.length, MarkerCodec.from_file(key), device,
+                            control=str(self.control), quiet=self.o.quiet, stream=self.stream)
+        if not self._device("arm").get("armed"):
+            raise MigrateError("the device did not arm")
+        if not self._device("status").get("source_connected"):
+            raise MigrateError("the device is not connected to the source's page server")
+        self._enter(Phase.ARMED)
+
+        port = self._listen_for_device_state(qmp)
+        mark = qmp.mark()
+        chan.send("ready", migration_port=port)
+        self._enter(Phase.LISTENING)
+        self.say(f"QEMU waits for the device state on port {port}")
+
+        resume = self._wait_resumed(qmp, dst_pid, mark)
+        self._enter(Phase.RESUMED)
+        chan.send("resumed")
+        self.say("the guest runs here; fetching the rest of its memory")
+        self._wait_local(dst_pid)
+        self._enter(Phase.LOCAL)
+        local_at = time.monotonic()
+        chan.send("local")
+        try:
+            chan.expect("released", RELEASE_TIMEOUT)
+            released = True
+        except ch.ChannelError as exc:
+            released = False
+            self.say(f"warning: the sender did not confirm the source's release ({exc}); every page is here, "
+                     "so release the source by hand if it still runs")
+        completion = complete_range(dst_pid, ram.address, ram.length, control=str(self.control),
+                                    quiet=self.o.quiet, stream=self.stream)
+        status = self._device("status")
+        faults = self._fault_latency()
+        self._detach()
+        self._enter(Phase.DONE)
+        report = {
+            "guest_bytes": ram.length,
+            "stage_seconds": stage.seconds,
+            "complete_seconds": completion.seconds,
+            "resume_to_local_seconds": local_at - resume.host_time,
+            "pages_demand": status["fetched_demand"],
+            "pages_prefetch": status["fetched_prefetch"],
+            "pages_without_fetch": status["pages"] - status["fetched_demand"] - status["fetched_prefetch"],
+            "fault_p50_ms": faults[0],
+            "fault_p99_ms": faults[1],
+            "reconnects": status.get("reconnects", 0),
+            "outage_seconds": status.get("outage_seconds", 0.0),
+            "source_released": released,
+        }
+        try:
+            chan.send("done", report=report)
+        except ch.ChannelError:
+            pass
+        self.say(f"done: every page is here and the device is detached ({completion.seconds:.2f} s of completion)")
+        return report
+
+    # --- the steps -----------------------------------------------------------------------------------
+
+    def _check(self, qmp: Qmp, dst_pid: int, hello: ch.Message) -> RamRegion:
+        if hello["version"] != ch.PROTOCOL_VERSION:
+            raise MigrateError(f"the sender speaks channel version {hello['version']}, this is "
+                               f"{ch.PROTOCOL_VERSION}: use the same nbd-postcopy on both hosts")
+        if hello["memdev"] != self.o.memdev:
+            raise MigrateError(f"the sender migrates memory backend {hello['memdev']!r}, this side has "
+                               f"--memdev {self.o.memdev!r}")
+        if (state := qmp.status()) != "inmigrate":
+            raise MigrateError(f"the destination QEMU (pid {dst_pid}) is {state!r}: start it with -incoming defer")
+        if _memdev_property(qmp, self.o.memdev, "share"):
+            raise MigrateError(f"the destination's memory backend {self.o.memdev!r} is shared: "
+                               "use memory-backend-ram (anonymous memory) here")
+        try:
+            ram = ram_region_of(dst_pid, qmp, self.o.memdev)
+        except VmError as exc:
+            raise MigrateError(str(exc)) from None
+        if ram.path:
+            raise MigrateError(f"the destination's guest RAM is mapped from {ram.path}, not anonymous memory")
+        if ram.length != hello["guest_bytes"]:
+            raise MigrateError(f"guest RAM sizes differ: source {hello['guest_bytes']} bytes, "
+                               f"destination {ram.length}")
+        return ram
+
+    def _attach(self, uri: str, instance: str, size: int, key: Path) -> str:
+        if uri.startswith("nbds://"):
+            if self.o.tls is None:
+                raise MigrateError("the sender serves pages over TLS, but this side has no certificates")
+            uri += "?tls-certificates=" + quote(str(self._tls_dir("client")))
+        elif self.o.tls is not None:
+            raise MigrateError("the sender serves pages in clear, but TLS is configured here: refused")
+        keys = [f"source={uri}", f"size={size}", f"key={key}", f"source-id={instance}",
+                f"metrics=127.0.0.1:{self.metrics_port}"]
+        if self.o.timeout is not None:
+            keys.append(f"timeout={self.o.timeout:g}")
+        self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
+        report = attachment.CollectingReporter()
+        options = attachment.AttachOptions(keys, name=self.swap_name, state_dir=self.swap_state)
+        try:
+            swap = attachment.attach(options, report=report)
+        except attachment.AttachmentError as exc:
+            output = report.text if exc.reported else f"{exc}\n{report.text}"
+            raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
+        self.control = Path(swap.state.control)
+        return swap.state.device
+
+    def _tls_dir(self, endpoint: str) -> Path:
+        """The certificates in the layout libnbd (client) and QEMU's tls-creds-x509 (server) read."""
+        tls = self.o.tls
+        directory = self.work / f"tls-{endpoint}"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        shutil.copyfile(tls.ca, directory / "ca-cert.pem")
+        shutil.copyfile(tls.cert, directory / f"{endpoint}-cert.pem")
+        shutil.copyfile(tls.key, directory / f"{endpoint}-key.pem")
+        return directory
+
+    def _listen_for_device_state(self, qmp: Qmp) -> int:
+        qmp.set_capabilities(x_ignore_shared=True, events=True)
+        if self.o.tls is not None:
+            qmp.execute("object-add", qom_type="tls-creds-x509", id="nbdpc-tls", endpoint="server",
+                        dir=str(self._tls_dir("server")), verify_peer=True)
+            qmp.set_parameters(tls_creds="nbdpc-tls")
+        port = ch.free_port(self.o.listen_host)
+        qmp.migrate_incoming(f"tcp:{ch.bracket(self.o.listen_host)}:{port}")
+        return port
+
+    def _wait_resumed(self, qmp: Qmp, dst_pid: int, mark: int) -> QmpEvent:
+        """The guest runs here: QEMU's RESUME. The sender may say it failed first (PeerFailed)."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            try:
+                return qmp.wait_event("RESUME", after=mark, timeout=0.2)
+            except VmError:
+                pass
+            if _exited(dst_pid):
+                raise MigrateError("the destination QEMU exited while the device state arrived")
+            if time.monotonic() > deadline:
+                raise MigrateError(f"the guest did not resume within {STEP_TIMEOUT:g}s")
+            if (message := self.channel.poll()) is not None:
+                raise MigrateError(f"the sender sent {message.type} while QEMU waited for the device state")
+
+    def _wait_local(self, dst_pid: int) -> None:
+        status = self._device("status")
+        total = status["remaining"]
+        bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
+        next_report = 0.0
+        while (remaining := status["remaining"]) > 0:
+            bar.update(total - remaining)
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + 1.0
+                try:
+                    self.channel.send("progress", remaining=remaining, pages=status["pages"])
+                except ch.ChannelError as exc:
+                    log.warning("the channel to the sender is gone (%s); carrying on", exc)
+            time.sleep(PROGRESS_INTERVAL)
+            if _exited(dst_pid):
+                raise MigrateError(f"the destination QEMU (pid {dst_pid}) exited after the switchover with "
+                                   f"{remaining} pages still at the source (a swap-in that waited longer than the "
+                                   "device's timeout fails, and kills the guest)")
+            status = self._device("status")
+        bar.update(total)
+        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+
+    def _device(self, command: str) -> dict:
+        try:
+            return request(str(self.control), command)
+        except ControlError as exc:
+            raise MigrateError(f"the device does not answer ({exc}); see {self.swap_state / 'log'}") from None
+
+    def _fault_latency(self):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return None, None
+        return histogram_quantiles(text, "nbd_postcopy_fault_seconds", (0.5, 0.99))
+
+    def _detach(self) -> None:
+        report = attachment.CollectingReporter()
+        try:
+            attachment.detach(self.swap_name, complete=False, report=report)
+        except attachment.AttachmentError as exc:
+            raise MigrateError(f"detaching {self.swap_name} failed: {exc}\n{report.text}") from None
+
+    def _fail(self, qmp: Qmp, exc: BaseException) -> None:
+        """Undo what the phase allows, tell the sender, and say what is left."""
+        reason = str(exc) or type(exc).__name__
+        if self.phase < Phase.RESUMED:
+            self.say(f"failed ({reason}); rolling back: the source keeps running")
+            if self.channel is not None:
+                try:
+                    self.channel.send("error", message=f"the destination rolled back: {reason}")
+                except ch.ChannelError:
+                    pass
+            if self.phase >= Phase.ATTACHED:
+                pid = self.dst_pid
+                try:
+                    qmp.execute("quit", timeout=5)
+                except VmError:
+                    pass
+                _wait_gone(pid, 15.0)  # its staged RAM must go before swapoff
+                report = attachment.CollectingReporter()
+                try:
+                    attachment.detach(self.swap_name, complete=False, report=report)
+                except attachment.AttachmentError as detach_error:
+                    log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
+            return
+        qemu_gone = _exited(self.dst_pid)
+        if qemu_gone:  # nothing needs the device any more: take it down
+            report = attachment.CollectingReporter()
+            try:
+                attachment.detach(self.swap_name, complete=False, report=report)
+            except attachment.AttachmentError as detach_error:
+                log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
+            message = (f"the destination QEMU exited after the switchover ({reason}); the source QEMU is paused "
+                       "with the guest's memory intact: the QMP command 'cont' resumes it there")
+        else:
+            message = f"the destination failed after the switchover: {reason}"
+        if self.phase < Phase.DONE and self.channel is not None:
+            try:
+                self.channel.send("error", message=message)
+            except ch.ChannelError:
+                pass
+        if qemu_gone:
+            self.say(f"failed: {message}; the swap device is detached")
+        else:
+            self.say(f"failed after the switchover ({reason}): the guest runs here; the swap device "
+                     f"{self.swap_name} stays attached. Finish with: {attachment.detach_command(self.swap_name)}")
+
+
+def receive(options: ReceiveOptions) -> dict:
+    return Receiver(options).run()
+
+

@@ -1,0 +1,98 @@
+"""`nbd-postcopy receive`: wait for a migration from another host (`nbd-postcopy migrate --to` there)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..common.command import CommandError
+from .channel import ChannelError, TlsFiles
+from .migrate import MigrateError
+from .ram import RAM_ID
+from .receive import ReceiveOptions, receive
+
+HELP = "wait for a migration from another host and run its destination half"
+DESCRIPTION = """\
+The destination half of a migration between two hosts. Start the destination QEMU with -incoming defer,
+anonymous RAM (memory-backend-ram, the same size and id as the source's shared backend), the same machine
+options and devices, -global apic-common.vapic=off and a QMP socket of its own; then run this, and on the
+source host `nbd-postcopy migrate --source-qmp SRC.qmp --to tcp:ADDR:PORT`.
+
+When the sender connects, this checks the VM's shape, generates the migration key (it never leaves this
+host), attaches the postcopy swap device fetching from the sender's page server (refusing any other
+server: the device is pinned to that server's instance id), stages and arms it, and lets QEMU take the
+device state. After the switchover it reports progress to the sender, tells it when every page is here
+(the sender then releases the source), pre-pages the rest, detaches the device, and exits 0.
+
+With --tls-cert/--tls-key/--tls-ca (all three) the control channel, the page stream and QEMU's migration
+stream are TLS, and only a sender whose certificate is signed by --tls-ca is accepted; plaintext is refused.
+Without them everything runs in clear (a warning says so).
+
+Ctrl-C, or any failure, before the guest resumes here rolls back: QEMU is told to quit, the device is
+detached, and the sender keeps its source running. After that the device stays until every page is here.
+
+Example:
+  nbd-postcopy receive --qmp /run/vm1-dst.qmp --listen tcp:10.0.0.2:7777 \\
+      --tls-cert host.pem --tls-key host-key.pem --tls-ca ca.pem
+"""
+
+
+def _tcp_address(text: str) -> tuple[str, int]:
+    kind, _, rest = text.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want tcp:ADDR:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"want a positive number of seconds, got {text!r}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qmp", required=True, type=Path, metavar="SOCKET",
+                        help="QMP Unix socket of the destination QEMU (started with -incoming defer)")
+    parser.add_argument("--listen", required=True, type=_tcp_address, metavar="tcp:ADDR:PORT",
+                        help="where to wait for the sender")
+    parser.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
+    parser.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
+    parser.add_argument("--tls-ca", metavar="F", help="the CA that signs both hosts' certificates (PEM)")
+    parser.add_argument("--timeout", type=_seconds, metavar="S",
+                        help="seconds a swap-in waits for an unreachable source before it fails, which kills the "
+                             "guest (the device's timeout=, default 60); keep it long in production")
+    parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
+                        help=f"id of the memory backend holding guest RAM (default {RAM_ID})")
+    parser.add_argument("--work-dir", type=Path, metavar="DIR",
+                        help="directory for the key, the device state and certificates "
+                             "(default: a new directory under /tmp, removed after success)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    except ChannelError as exc:
+        raise CommandError(str(exc)) from None
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-rcv-", dir="/tmp"))
+    host, port = args.listen
+    options = ReceiveOptions(args.qmp, host, port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
+                             timeout=args.timeout)
+    try:
+        report = receive(options)
+    except (MigrateError, ChannelError) as exc:
+        raise CommandError(f"{exc}\n(work directory kept: {work_dir})") from None
+    if args.work_dir is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"received {report['guest_bytes'] >> 20} MiB: {report['pages_demand']} pages on demand, "
+          f"{report['pages_prefetch']} prefetched, {report['pages_without_fetch']} zero; every page is local "
+          f"{report['resume_to_local_seconds']:.2f} s after the resume; completion {report['complete_seconds']:.2f} s; "
+          f"{report['reconnects']} reconnects")
+    return 0
