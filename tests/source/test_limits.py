@@ -55,6 +55,15 @@ class Served:
         with open(self.log, "wb") as log:
             self.proc = processes.start(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for_path(self.socket, proc=self.proc)
+        deadline = time.monotonic() + 10  # the TCP listener and the metrics endpoint come up after the socket
+        for port in (self.port, self.metrics_port):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and self.proc.poll() is None, self.log_text()
+                    time.sleep(0.02)
 
     def status_kib(self, field: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
