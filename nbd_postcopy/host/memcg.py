@@ -18,6 +18,7 @@ from pathlib import Path
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 AUTO_PREFIX = "nbd-postcopy-stage-"
+SWAP_PATH_PREFIX = "nbd-postcopy-swap-path-"
 
 
 def _v2_root() -> Path | None:
@@ -113,6 +114,26 @@ class Memcg:
                 f.write(value)
         except OSError as exc:
             raise OSError(exc.errno, f"writing {value!r} to {self.path / name}: {exc.strerror}") from None
+
+    @classmethod
+    def never_swapped(cls, name: str, swappable: bool = False) -> "Memcg":
+        """A new memcg at the top of the hierarchy whose memory is never swapped out (docs/DESIGN.md, "The
+        swap path must not be swapped out"): cgroup v2 `memory.swap.max` 0; v1 `memory.swappiness` 0,
+        which keeps reclaim of this memcg to file pages. OSError if neither can be had."""
+        version, _ = task_memcg(os.getpid())
+        root = V1_ROOT if version == 1 else _v2_root()
+        memcg = cls.open_or_create(version, root / name)
+        if swappable:  # (a testing aid: the same place without the guard)
+            return memcg
+        try:
+            if version == 1:
+                memcg._write("memory.swappiness", "0")
+            else:
+                memcg._write("memory.swap.max", "0")
+        except OSError:
+            memcg.remove(root)
+            raise
+        return memcg
 
     def move(self, pid: int) -> None:
         """Move the whole process (all its threads) into this memcg."""

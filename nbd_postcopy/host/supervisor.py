@@ -30,7 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .memcg import SWAP_PATH_PREFIX, Memcg
+
 PR_SET_IO_FLUSHER = 57
+# Testing aid: "off" runs the children without their memcg; "swappable" in a memcg of their own that may swap.
+SWAP_GUARD_ENV = "NBD_POSTCOPY_SWAP_GUARD"
 WATCHED_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -76,11 +80,15 @@ def log(message: str) -> None:
     print(f"{stamp} supervisor[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
-def child_setup(stack_kib: int) -> Callable[[], None]:
-    """Return the pre-exec hook for nbdkit and nbdfuse: bounded stacks, unblocked signals, IO_FLUSHER."""
+def child_setup(stack_kib: int, cgroup_procs: Path | None) -> Callable[[], None]:
+    """Return the pre-exec hook for nbdkit and nbdfuse: into the never-swapped memcg, bounded stacks, unblocked
+    signals, IO_FLUSHER."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def setup() -> None:
+        if cgroup_procs is not None:  # before exec, so that everything the child ever allocates is charged there
+            with open(cgroup_procs, "w") as procs:
+                procs.write(str(os.getpid()))
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # glibc sizes new thread stacks from RLIMIT_STACK, and mlockall pins every byte of them.
         limit = stack_kib * 1024
@@ -118,6 +126,7 @@ class Supervisor:
         self.stack_kib = stack_kib
         self.plugin = plugin
         self.children: dict[str, subprocess.Popen] = {}
+        self.memcg: Memcg | None = None  # where the children run: their memory is never swapped out
         self.reported: set[str] = set()  # roles whose exit is in the log
         self.stopping = False
 
@@ -137,7 +146,7 @@ class Supervisor:
             stdout=sys.stderr,
             stderr=sys.stderr,
             env=env,
-            preexec_fn=child_setup(self.stack_kib),
+            preexec_fn=child_setup(self.stack_kib, self.memcg.path / "cgroup.procs" if self.memcg else None),
         )
         self.children[role] = proc
         log(f"{role} pid {proc.pid}")
@@ -159,6 +168,7 @@ class Supervisor:
     def start(self, timeout: float) -> None:
         if not io_flusher_allowed():
             log("warning: PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); children run without it")
+        self.start_swap_guard()
         self.layout.socket.unlink(missing_ok=True)  # nbdkit 1.32 leaves its socket behind
         self.spawn("nbdkit", self.nbdkit_argv())
         self.wait_ready("nbdkit", self.layout.socket.is_socket, f"nbdkit socket {self.layout.socket}", timeout)
@@ -168,6 +178,29 @@ class Supervisor:
             self.wait_ready("nbdfuse", self.layout.disk.exists, f"FUSE disk {self.layout.disk}", timeout)
         self.write_pids()
         log("ready")
+
+    def start_swap_guard(self) -> None:
+        """The children run in a memcg that may not swap: a page the swap-in path needs must never be
+        swapped out to the device it serves. nbdkit is also mlocked; nbdfuse is not, so this is its guard."""
+        mode = os.environ.get(SWAP_GUARD_ENV, "on")
+        if mode == "off":
+            log(f"warning: {SWAP_GUARD_ENV}=off: the swap path runs without its never-swapped memcg (testing aid)")
+            return
+        try:
+            self.memcg = Memcg.never_swapped(f"{SWAP_PATH_PREFIX}{os.getpid()}", swappable=mode == "swappable")
+        except OSError as exc:
+            log(f"warning: no never-swapped memcg for the swap path ({exc}); nbdfuse's memory could be swapped "
+                "out, to this very device under pressure")
+            return
+        log(f"swap path in memcg {self.memcg.path} (its memory is never swapped out)")
+
+    def remove_swap_guard(self) -> None:
+        if self.memcg is None:
+            return
+        try:
+            self.memcg.remove(self.memcg.path.parent)
+        except OSError as exc:
+            log(f"warning: {exc}")
 
     def write_pids(self) -> None:
         lines = [f"supervisor_pid={os.getpid()}"]
@@ -266,14 +299,17 @@ def serve(args: argparse.Namespace, report: Callable[[str], None]) -> int:
     layout = Layout(args.state_dir.resolve())
     supervisor = Supervisor(layout, args.transport, args.threads, args.stack_kib, args.plugin)
     try:
-        supervisor.start(args.timeout)
-    except (StartupError, Stopped, OSError) as exc:
-        log(f"ERROR: start failed: {exc}")
-        supervisor.stop()
-        report(f"error: {exc}\n")
-        return 1
-    report(layout.pids.read_text())
-    return supervisor.watch()
+        try:
+            supervisor.start(args.timeout)
+        except (StartupError, Stopped, OSError) as exc:
+            log(f"ERROR: start failed: {exc}")
+            supervisor.stop()
+            report(f"error: {exc}\n")
+            return 1
+        report(layout.pids.read_text())
+        return supervisor.watch()
+    finally:
+        supervisor.remove_swap_guard()
 
 
 def detach(args: argparse.Namespace) -> int:
