@@ -4,15 +4,14 @@ bad value is reported at startup with the key's name, never at the first request
 from __future__ import annotations
 
 import os
-import re
 import uuid as uuid_module
 from dataclasses import dataclass, field
 
-from ..common.units import PAGE_SIZE
+from ..common.units import PAGE_SIZE, parse_size
 from . import swapheader
 from .device import DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT
 from .markers import KeyFileError, load_key
-from ..common.metrics import parse_listen
+from ..common.metrics import parse_metrics_listen
 from ..nbd.uri import parse_nbd_uri
 
 KEYS = {
@@ -34,9 +33,6 @@ KEYS = {
 REQUIRED = ("source", "key")
 
 HELP = "\n".join(f"{key + '=':<10} {text}" for key, text in KEYS.items())
-
-_SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
-
 
 class ConfigError(ValueError):
     """A plugin key is missing, unknown or has a bad value."""
@@ -88,7 +84,7 @@ class PluginConfig:
         elif key == "headroom":
             self.headroom = _non_negative_int(value)
         elif key == "metrics":
-            parse_listen(value)
+            parse_metrics_listen(value)
             self.metrics = value
         elif key == "control":
             directory = os.path.dirname(os.path.abspath(value))
@@ -120,14 +116,6 @@ class PluginConfig:
             missing.append("pages (or size)")
         if missing:
             raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-
-
-def parse_size(text: str) -> int:
-    """'4096', '256M', '1GiB', '4k' -> bytes (binary multiples)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ValueError("not a size (e.g. 268435456, 256M, 1G)")
-    return int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
 
 
 def _positive_int(text: str) -> int:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import signal
 import ssl
 
 from prometheus_client import CollectorRegistry
 
-from ..common.command import CommandError
+from ..common.command import CommandError, option_type
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
-from ..common.metrics import serve_metrics
-from .server import PageServer, parse_listen, run_server
-from .sources import FileSource, ProcessSource, SourceOpenError, parse_address
+from ..common.metrics import parse_metrics_listen, serve_metrics
+from ..common.units import parse_address, parse_listen, parse_size
+from .server import PageServer, run_server
+from .sources import FileSource, ProcessSource, SourceOpenError
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +47,6 @@ examples:
   nbdinfo 'nbd+unix:///ram?socket=/run/nbdpc.sock'
 """
 
-_SIZE = re.compile(r"^(\d+|0x[0-9a-fA-F]+)([KMGT]i?B?)?$")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes: 4096, 0x1000, 256M, 1G, 1GiB (binary units)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use bytes, or a number with K, M, G or T")
-    return int(match.group(1), 0) * _UNITS[(match.group(2) or "")[:1]]
-
-
-def _listen_spec(text: str):
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _gate_spec(text: str) -> str:
     if text in ("open", "closed") or (text.startswith("qmp:") and len(text) > 4):
         return text
@@ -77,14 +58,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", metavar="PATH", help="file holding guest RAM (opened read-only)")
     src.add_argument("--pid", type=int, help="process whose memory to serve")
     src.add_argument("--address", type=str, metavar="ADDR", help="start address in that process (0x... or decimal)")
-    src.add_argument("--length", type=parse_size, metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
-    p.add_argument("--listen", type=_listen_spec, action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+    src.add_argument("--length", type=option_type(parse_size), metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
+    p.add_argument("--listen", type=option_type(parse_listen), action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
                    help="where to listen (repeatable)")
     p.add_argument("--export", default="", metavar="NAME",
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
                    help="freeze gate (see above); default open")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="F", help="CA that client certificates must be signed by (PEM)")

@@ -16,10 +16,10 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from .gate import Gate
 from ..common.linux import remove_stale_socket
+from ..common.units import ListenAddress
 from .metrics import ServerMetrics
 from ..nbd.protocol import (
     NEED_DATA,
@@ -47,29 +47,6 @@ IOV_MAX = 1024  # buffers per sendmsg()
 MAX_PARKED = 1024  # requests one client may have waiting behind the closed gate
 LARGE_WRITE = 64 * 1024  # buffers this big are written on their own rather than copied into a join
 RECV_BUFFER = 256 * 1024  # bytes read from a client at most at once
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    kind: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
-def parse_listen(spec: str) -> ListenAddress:
-    """'unix:PATH' or 'tcp:HOST:PORT' (HOST may be [v6]) -> ListenAddress."""
-    kind, sep, rest = spec.partition(":")
-    if sep and kind == "unix" and rest:
-        return ListenAddress("unix", path=rest)
-    if sep and kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if sep and host and port.isdigit() and int(port) < 65536:
-            return ListenAddress("tcp", host=host.strip("[]"), port=int(port))
-    raise ValueError(f"bad --listen {spec!r}: use unix:PATH or tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)")
 
 
 class PageServer:

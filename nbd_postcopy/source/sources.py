@@ -165,17 +165,6 @@ _SCAN_STEP = 512 * 1024  # after this much data, look for a hole to skip again
 _MAP_READ = 64 * 1024  # smaller reads copy with pread, cheaper than asking mincore
 
 
-def parse_address(text: str) -> int:
-    """A start address: decimal or 0x-prefixed hex."""
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise ValueError(f"address must be a number like 0x7f0000000000, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"address must not be negative, got {text!r}")
-    return value
-
-
 class ProcessSource(Source):
     """A range of another process's address space, read with pread on /proc/PID/mem."""
 
