@@ -51,23 +51,23 @@ async def watch_qmp(gate: Gate, socket_path: str, poll_interval: float = POLL_IN
     """Open `gate` once the QEMU behind the QMP socket stops its guest: at once on its STOP event, or when
     query-status (asked on connecting, then every `poll_interval` seconds) reports a frozen state. Until
     QEMU is there, and after it went away, tries again every `poll_interval` seconds."""
-    warn = _Reminder(socket_path, poll_interval)
+    warn = _Reminder(poll_interval)
     for module in ("protocol", "qmp_client"):  # qemu.qmp logs each failed attempt: the reminder says it instead
         logging.getLogger(f"qemu.qmp.{module}.{QMP_NAME}").setLevel(logging.CRITICAL)
     while not gate.is_open:
         try:
             qmp = await asyncio.to_thread(Qmp, socket_path, 0.0, QMP_NAME)
         except QmpNotListening:
-            warn("waiting for QMP socket {path} (QEMU not there yet)")
+            warn(f"waiting for QMP socket {socket_path} (QEMU not there yet)")
         except (VmError, TimeoutError, OSError) as exc:
-            warn(f"QMP socket {{path}}: {exc}")
+            warn(str(exc) or f"cannot connect to QMP socket {socket_path}: {exc!r}")
         else:
             log.info("freeze gate watching QEMU over QMP socket %s", socket_path)
             warn.reset()
             try:
                 await _watch(gate, qmp, socket_path, poll_interval)
             except VmError as exc:
-                warn(f"QMP socket {{path}}: {exc}")
+                warn(f"QMP socket {socket_path}: {exc}")
             finally:
                 await asyncio.to_thread(qmp.close)
         if not gate.is_open:
@@ -100,15 +100,15 @@ class _Reminder:
     """The gate's warnings while it cannot watch QEMU: one when the situation changes, then a reminder
     at most every REMINDER_INTERVAL seconds, not a line per retry."""
 
-    def __init__(self, socket_path: str, poll_interval: float):
-        self.path, self.poll_interval = socket_path, poll_interval
+    def __init__(self, poll_interval: float):
+        self.poll_interval = poll_interval
         self.reset()
 
     def reset(self) -> None:
         self.last, self.since, self.said_at = "", 0.0, 0.0
 
     def __call__(self, what: str) -> None:
-        now, what = time.monotonic(), what.format(path=self.path)
+        now = time.monotonic()
         if what != self.last:
             log.warning("freeze gate: %s; retrying every %g s; pages stay held until the source stops", what,
                         self.poll_interval)
