@@ -29,9 +29,10 @@ The freeze gate keeps pages from leaving while the source can still change them:
   --gate open          serve at once (the default)
   --gate closed        hold every READ, BLOCK_STATUS and CACHE until the gate opens:
                        send SIGUSR1 to this process (kill -USR1 PID) to open it
-  --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket reports
-                       its guest paused, postmigrate or finish-migrate (give the server a
-                       -qmp socket of its own: QEMU serves one client per QMP socket)
+  --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket stops its
+                       guest (a STOP event, or status paused, postmigrate or finish-migrate;
+                       give the server a -qmp socket of its own: QEMU serves one client per
+                       QMP socket). Until that socket answers, the server says so and retries.
 The gate never closes again once open. Its opening is logged.
 
 TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
