@@ -59,14 +59,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", metavar="PATH", help="file holding guest RAM (opened read-only)")
     src.add_argument("--pid", type=int, help="process whose memory to serve")
     src.add_argument("--address", type=str, metavar="ADDR", help="start address in that process (0x... or decimal)")
-    src.add_argument("--length", type=option_type(parse_size), metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
-    p.add_argument("--listen", type=option_type(parse_listen), action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
-                   help="where to listen (repeatable)")
+    src.add_argument("--length", type=option_type(parse_size), metavar="BYTES",
+                     help="bytes to serve from ADDR (e.g. 1G)")
+    p.add_argument("--listen", type=option_type(parse_listen), action="append", required=True,
+                   metavar="unix:PATH|tcp:HOST:PORT", help="where to listen (repeatable)")
     p.add_argument("--export", default="", metavar="NAME",
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
                    help="freeze gate (see above); default open")
-    p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="F", help="CA that client certificates must be signed by (PEM)")
