@@ -1,7 +1,7 @@
 """Thin wrappers over the Linux interfaces staging and completion drive (x86_64, run as root).
 
 Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev, fallocate (hole
-punching), an unlocked read-only file mapping (mmap, munlock, mprotect). Unix socket paths: removing
+punching), an unlocked read-only file mapping (mmap, munlock, mprotect, mincore). Unix socket paths: removing
 a stale one before listening.
 /proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap, process liveness
 and VmLck, mounts, loop devices.
@@ -49,6 +49,7 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -169,7 +170,8 @@ class FileView:
     that called mlockall(MCL_FUTURE) (nbdkit --swap): the kernel neither reads the file in when it is
     mapped nor pins the pages read through it. Copying out of it is a plain memcpy, several times
     cheaper here than pread()'s copy from the page cache. Call populate() on a range before copying
-    out of it: a page fault that has to read the disk must not happen while the copy holds the GIL."""
+    out of it: a page fault that has to read the disk must not happen while the copy holds the GIL.
+    The source server uses it too, serving pages that resident() finds in memory straight from `view`."""
 
     def __init__(self, fd: int, length: int):
         self.length = length
@@ -188,6 +190,18 @@ class FileView:
             raise
         self.address = address
         self.view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+        self._vector = ctypes.create_string_buffer(0)  # mincore's answer, one byte a page; grown on demand
+
+    def resident(self, offset: int, length: int) -> bool:
+        """True if every page of [offset, offset + length) is in memory (mincore), so that reading it
+        faults nothing in; False if not, or if mincore failed. Not thread-safe: one answer vector is reused."""
+        first = offset - offset % PAGE_SIZE
+        pages = (offset + length - first + PAGE_SIZE - 1) // PAGE_SIZE
+        if pages > len(self._vector):
+            self._vector = ctypes.create_string_buffer(pages)
+        if _libc.mincore(self.address + first, pages * PAGE_SIZE, self._vector):
+            return False
+        return b"\0" not in ctypes.string_at(self._vector, pages)
 
     def populate(self, offset: int, length: int) -> bool:
         """Fault [offset, offset + length) in (ctypes releases the GIL meanwhile). False if that failed,

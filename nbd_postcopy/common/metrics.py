@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .units import ListenAddress, parse_listen
+
 # Latency buckets from 10 microseconds to 1 second.
 LATENCY_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
@@ -15,15 +17,12 @@ LATENCY_BUCKETS = (
 )
 
 
-def parse_listen(spec: str) -> tuple[str, int]:
-    """'HOST:PORT' (or ':PORT', meaning 127.0.0.1) -> (host, port)."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics address must be HOST:PORT, got {spec!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def parse_metrics_listen(spec: str) -> ListenAddress:
+    """Where to serve metrics: TCP only, 'HOST:PORT' or ':PORT' (127.0.0.1). ValueError if not that."""
+    return parse_listen(spec, kinds=("tcp",))
 
 
-def serve_metrics(spec: str, registry: CollectorRegistry):
-    """Start the HTTP exposition endpoint for `registry` on a daemon thread."""
-    host, port = parse_listen(spec)
-    start_http_server(port, addr=host, registry=registry)
+def serve_metrics(spec: str | ListenAddress, registry: CollectorRegistry):
+    """Start the HTTP exposition endpoint for `registry` on a daemon thread ('HOST:PORT' or parsed)."""
+    address = spec if isinstance(spec, ListenAddress) else parse_metrics_listen(spec)
+    start_http_server(address.port, addr=address.host, registry=registry)

@@ -22,6 +22,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 log = logging.getLogger(__name__)
 
 MIGRATION_DONE = ("completed", "failed", "cancelled")
+HANDSHAKE_TIMEOUT = 5.0  # seconds for QEMU's greeting and capabilities negotiation
 
 
 class VmError(Exception):
@@ -30,6 +31,10 @@ class VmError(Exception):
 
 class QmpError(VmError):
     """A QMP command failed; the message names the command and QEMU's error."""
+
+
+class QmpNotListening(VmError):
+    """Nothing listens on the QMP socket (yet): the socket file is missing or the connection is refused."""
 
 
 # --- QMP ---------------------------------------------------------------------------------------
@@ -59,7 +64,7 @@ class Qmp:
         self._changed = threading.Condition()
         self._callbacks: list[Callable[[QmpEvent], None]] = []
         try:
-            self._client: QMPClient = self._call(self._connect(name, timeout), timeout + 1)
+            self._client: QMPClient = self._call(self._connect(name, timeout), timeout + HANDSHAKE_TIMEOUT + 1)
         except BaseException:
             self._stop_loop()
             raise
@@ -69,12 +74,17 @@ class Qmp:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await client.connect(str(self.socket_path))
+                # Timed out here, not in _call: the aborted handshake is then cleaned up on this loop.
+                await asyncio.wait_for(client.connect(str(self.socket_path)), HANDSHAKE_TIMEOUT)
                 break
+            except asyncio.TimeoutError:
+                raise VmError(f"no QMP handshake on {self.socket_path} within {HANDSHAKE_TIMEOUT:g}s") from None
             except ConnectError as exc:
                 # QEMU creates the socket file with bind() a moment before it listen()s.
-                if not isinstance(exc.exc, (ConnectionRefusedError, FileNotFoundError)) or time.monotonic() > deadline:
+                if not isinstance(exc.exc, (ConnectionRefusedError, FileNotFoundError)):
                     raise VmError(f"cannot connect to QMP socket {self.socket_path}: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise QmpNotListening(f"cannot connect to QMP socket {self.socket_path}: {exc}") from None
                 await asyncio.sleep(0.01)
         self._pump = asyncio.ensure_future(self._pump_events(client.events))
         return client

@@ -4,17 +4,16 @@ bad value is reported at startup with the key's name, never at the first request
 from __future__ import annotations
 
 import os
-import re
 import socket
 import stat
 import uuid as uuid_module
 from dataclasses import dataclass, field
 
-from ..common.units import PAGE_SIZE
+from ..common.units import PAGE_SIZE, parse_size
 from . import swapheader
 from .device import DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT
 from .markers import KeyFileError, load_key
-from ..common.metrics import parse_listen
+from ..common.metrics import parse_metrics_listen
 from ..nbd.protocol import ProtocolError, check_instance_id
 from ..nbd.uri import parse_nbd_uri
 
@@ -39,9 +38,6 @@ KEYS = {
 REQUIRED = ("source", "key")
 
 HELP = "\n".join(f"{key + '=':<10} {text}" for key, text in KEYS.items())
-
-_SIZE = re.compile(r"(\d+)([KMGT]?)i?B?", re.IGNORECASE)
-
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
@@ -97,10 +93,8 @@ class PluginConfig:
         elif key == "headroom":
             self.headroom = _non_negative_int(value)
         elif key == "metrics":
-            host, port = parse_listen(value)
-            if not 0 < port < 65536:
-                raise ValueError(f"port {port} is out of range (1..65535)")
-            _check_can_listen(host, port)
+            address = parse_metrics_listen(value)
+            _check_can_listen(address.host, address.port)
             self.metrics = value
         elif key == "control":
             directory = os.path.dirname(os.path.abspath(value))
@@ -142,14 +136,6 @@ class PluginConfig:
             missing.append("pages (or size)")
         if missing:
             raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-
-
-def parse_size(text: str) -> int:
-    """'4096', '256M', '1GiB', '4k' -> bytes (binary multiples)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ValueError("not a size (e.g. 268435456, 256M, 1G)")
-    return int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
 
 
 def _check_can_listen(host: str, port: int) -> None:

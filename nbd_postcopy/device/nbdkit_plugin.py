@@ -167,7 +167,7 @@ def get_size(h):
 
 
 def block_size(h):
-    return (1, 4096, MAX_REQUEST)
+    return (1, PAGE_SIZE, MAX_REQUEST)
 
 
 def can_write(h):

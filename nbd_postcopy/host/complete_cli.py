@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..common.command import CommandError
+from ..common.units import PAGE_SIZE
 from .completion import CompletionError, complete_range
 from .stage_cli import add_range_options
 
@@ -37,7 +38,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    chunk_bytes = int(args.chunk_mib * (1 << 20)) // 4096 * 4096
+    chunk_bytes = int(args.chunk_mib * (1 << 20)) // PAGE_SIZE * PAGE_SIZE
     rate = args.rate_mib * (1 << 20) if args.rate_mib else None
     if rate is not None and rate <= 0:
         raise CommandError("--rate-mib must be positive")

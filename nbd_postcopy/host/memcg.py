@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from ..common.units import PAGE_SIZE
+
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 AUTO_PREFIX = "nbd-postcopy-stage-"
@@ -166,7 +168,7 @@ class Memcg:
                 self._write("memory.force_empty", "0")
             else:
                 current = int((self.path / "memory.current").read_text())
-                self._write("memory.reclaim", str(max(current, 4096)))
+                self._write("memory.reclaim", str(max(current, PAGE_SIZE)))
         except OSError as exc:
             if exc.errno not in (errno.EBUSY, errno.EAGAIN):
                 raise

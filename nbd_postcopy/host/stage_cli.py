@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..common.command import CommandError
+from ..common.command import CommandError, option_type
+from ..common.units import parse_address, parse_size
 from ..device.markers import KeyFileError, MarkerCodec
 from .staging import StagingError, record_target, stage_range
 
@@ -30,34 +31,11 @@ examples:
   nbd-postcopy stage --pid 4242 --address 0x7f0000000000 --length 256M --key KEY --device /dev/loop3 --quiet
 """
 
-_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '268435456', '0x10000000', '256M', '1G' or '4K'."""
-    text = text.strip()
-    scale = 1
-    if text[-1:].upper() in _SUFFIXES:
-        scale = _SUFFIXES[text[-1].upper()]
-        text = text[:-1]
-    try:
-        return int(text, 0) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, 0xHEX, or a K/M/G suffix)") from None
-
-
-def parse_address(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an address: {text!r} (use 0xHEX or decimal)") from None
-
-
 def add_range_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, required=True, help="the target process")
-    p.add_argument("--address", type=parse_address, required=True, metavar="ADDR",
+    p.add_argument("--address", type=option_type(parse_address), required=True, metavar="ADDR",
                    help="start of the range (page aligned, 0xHEX or decimal)")
-    p.add_argument("--length", type=parse_size, required=True, metavar="BYTES",
+    p.add_argument("--length", type=option_type(parse_size), required=True, metavar="BYTES",
                    help="length of the range (page aligned; K/M/G suffixes allowed)")
 
 

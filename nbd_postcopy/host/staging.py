@@ -294,81 +294,78 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
         if status.get("armed"):
             raise StagingError(f"the device behind {control} is armed: staging reads would fetch from the source; "
                                "stage onto a freshly attached device")
-    try:
-        pidfd = linux.pidfd_open(pid)
-    except OSError as exc:
-        raise StagingError(exc.strerror) from None
+    with contextlib.ExitStack() as cleanup:  # closes what it opened, last first, however staging ends
+        try:
+            pidfd = linux.pidfd_open(pid)
+        except OSError as exc:
+            raise StagingError(exc.strerror) from None
+        cleanup.callback(os.close, pidfd)
 
-    clock = [time.monotonic()]
+        clock = [time.monotonic()]
 
-    def phase(name: str) -> None:
-        now = time.monotonic()
-        report.phases[name] = now - clock[0]
-        clock[0] = now
+        def phase(name: str) -> None:
+            now = time.monotonic()
+            report.phases[name] = now - clock[0]
+            clock[0] = now
 
-    phase("validate")
-    try:
-        view = _Pages(pid, address, pages)
-    except OSError as exc:
-        os.close(pidfd)
-        raise StagingError(exc.strerror or str(exc)) from None
-    try:
-        memcg, home = Memcg.for_target(pid, memcg_name)
-    except OSError as exc:
-        view.close()
-        os.close(pidfd)
-        raise StagingError(exc.strerror or str(exc)) from None
-    cpus = sorted(os.sched_getaffinity(0))
-    written = False
-    try:
-        memcg.move(pid)
-        with pinned_to(cpus[0]):
-            bar = Progress("writing markers", pages, quiet=quiet, stream=stream)
-            written = True
-            write_pages(pid, address, pages, codec.header, bar)
-            bar.finish()
-            phase("markers")
-            frames = Frames(pages)
-            view.record_frames(frames)
-            foreign = frames.charged_elsewhere(memcg.inode)
-            if foreign:
-                log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
-            bar = Progress("paging out", pages, quiet=quiet, stream=stream)
-            pageout(pidfd, address, list(range(pages)), bar)
-            bar.finish()
-        wait_for_writeback(memcg, include_global=bool(foreign))
-        phase("pageout")
-        memcg.purge()
-        for attempt in range(VERIFY_ATTEMPTS):
-            leftovers = _leftovers(view, frames)
-            if leftovers:
-                report.fallback_pages += len(leftovers)
-                _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
-            if attempt == 0:
-                phase("purge")
-            _verify_mapping(view, report, area, codec)
-            # A straggler can turn up in the swap cache a moment after the fallback found none: look again.
-            cached = _leftovers(view, frames)
-            if not cached:
-                break
-            log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
-        else:
-            raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would not "
-                               f"reach the device): {_describe(cached, address)}")
-        _verify_counters(report, memcg, frames)
-        if control:
-            report.device_mapped = _check_device_map(control, pages)
-        phase("verify")
-    except BaseException as exc:
-        state = _undo(pid, address, pages, written, memcg, home, memcg_name)
-        if isinstance(exc, OSError):
-            raise StagingError(f"{exc.strerror or exc}; {state}") from exc
-        if isinstance(exc, StagingError):
-            raise StagingError(f"{exc}; {state}") from exc
-        raise
-    finally:
-        view.close()
-        os.close(pidfd)
+        phase("validate")
+        try:
+            view = _Pages(pid, address, pages)
+        except OSError as exc:
+            raise StagingError(exc.strerror or str(exc)) from None
+        cleanup.callback(view.close)
+        try:
+            memcg, home = Memcg.for_target(pid, memcg_name)
+        except OSError as exc:
+            raise StagingError(exc.strerror or str(exc)) from None
+        cpus = sorted(os.sched_getaffinity(0))
+        written = False
+        try:
+            memcg.move(pid)
+            with pinned_to(cpus[0]):
+                bar = Progress("writing markers", pages, quiet=quiet, stream=stream)
+                written = True
+                write_pages(pid, address, pages, codec.header, bar)
+                bar.finish()
+                phase("markers")
+                frames = Frames(pages)
+                view.record_frames(frames)
+                foreign = frames.charged_elsewhere(memcg.inode)
+                if foreign:
+                    log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
+                bar = Progress("paging out", pages, quiet=quiet, stream=stream)
+                pageout(pidfd, address, list(range(pages)), bar)
+                bar.finish()
+            wait_for_writeback(memcg, include_global=bool(foreign))
+            phase("pageout")
+            memcg.purge()
+            for attempt in range(VERIFY_ATTEMPTS):
+                leftovers = _leftovers(view, frames)
+                if leftovers:
+                    report.fallback_pages += len(leftovers)
+                    _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
+                if attempt == 0:
+                    phase("purge")
+                _verify_mapping(view, report, area, codec)
+                # A straggler can turn up in the swap cache a moment after the fallback found none: look again.
+                cached = _leftovers(view, frames)
+                if not cached:
+                    break
+                log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
+            else:
+                raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would "
+                                   f"not reach the device): {_describe(cached, address)}")
+            _verify_counters(report, memcg, frames)
+            if control:
+                report.device_mapped = _check_device_map(control, pages)
+            phase("verify")
+        except BaseException as exc:
+            state = _undo(pid, address, pages, written, memcg, home, memcg_name)
+            if isinstance(exc, OSError):
+                raise StagingError(f"{exc.strerror or exc}; {state}") from exc
+            if isinstance(exc, StagingError):
+                raise StagingError(f"{exc}; {state}") from exc
+            raise
     if memcg_name == "auto":
         memcg.remove(home)
     report.seconds = time.monotonic() - started

@@ -6,7 +6,7 @@ on a shared backend), and the destination's RAM arrives through kernel swap:
   1. check both QEMUs: the source runs with shared RAM, the destination waits (-incoming defer) with
      anonymous RAM of the same size;
   2. serve the source RAM (`nbd-postcopy serve`) with the freeze gate closed;
-  3. attach the destination swap device (scripts/setup-swap.sh attach, the plugin fetching from 2.);
+  3. attach the destination swap device (host/attachment.py, the plugin fetching from 2.);
   4. stage the destination RAM onto it and arm the device;
   5. migrate; the gate opens the moment the source stops (QMP STOP event), and the guest resumes at
      the destination, faulting its pages in on demand while the prefetcher pulls the rest;
@@ -21,11 +21,15 @@ until every page is local, so a failure leaves the source and the page server up
 if the destination QEMU itself is gone are they removed, leaving the paused source to be resumed.
 Once every page is local the source is released, as QEMU's own postcopy releases it once every page
 is sent; a failure after that leaves the swap device attached, holding every page.
+
+The driver keeps how far it got in one `Phase`, and checks every change against TRANSITIONS; a failure
+does what FAILURE_POLICY says for the phase it happened in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -111,16 +115,101 @@ def migrate(options: MigrateOptions) -> MigrationReport:
     return _Migration(options).run()
 
 
+# --- the phases ------------------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """How far a migration got. The phases up to SWITCHING are entered as their step starts, so a step
+    that fails half done is undone like a finished one; the later ones once reached."""
+
+    CHECKING = "checking both QEMUs"
+    SERVING = "serving the source RAM (gate closed)"
+    ATTACHING = "attaching the destination swap device"
+    STAGING = "staging the destination RAM"
+    ARMING = "arming the destination device"
+    SWITCHING = "migrating device state"
+    RESUMED = "the guest runs at the destination and needs the source"
+    RELEASED = "every page is local and the source was released"
+    COMPLETED = "every page is in the guest"
+    DETACHED = "the swap device is detached: done"
+    ROLLED_BACK = "rolled back"
+    FAILED = "failed after the switchover (or before anything started)"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    phase: frozenset(following)
+    for phase, following in {
+        Phase.CHECKING: {Phase.SERVING, Phase.FAILED},
+        Phase.SERVING: {Phase.ATTACHING, Phase.ROLLED_BACK},
+        Phase.ATTACHING: {Phase.STAGING, Phase.ROLLED_BACK},
+        Phase.STAGING: {Phase.ARMING, Phase.ROLLED_BACK},
+        Phase.ARMING: {Phase.SWITCHING, Phase.ROLLED_BACK},
+        Phase.SWITCHING: {Phase.RESUMED, Phase.ROLLED_BACK},
+        # The source is released as soon as the prefetcher has every page, else after completion.
+        Phase.RESUMED: {Phase.RELEASED, Phase.COMPLETED, Phase.FAILED},
+        Phase.RELEASED: {Phase.COMPLETED, Phase.FAILED},
+        Phase.COMPLETED: {Phase.DETACHED, Phase.FAILED},
+        Phase.DETACHED: set(),
+        Phase.ROLLED_BACK: set(),
+        Phase.FAILED: set(),
+    }.items()
+}
+FINAL = frozenset(phase for phase, following in TRANSITIONS.items() if not following)
+
+
+class Policy(enum.Enum):
+    """What a failure in a phase does to what the migration started."""
+
+    RAISE = "nothing to undo, or the failure already said what remains: raise it as it is"
+    ROLL_BACK = "the source keeps (or resumes) running; the destination QEMU quits; everything started is removed"
+    KEEP_SOURCE = "the guest needs the source: leave the source, the page server and the swap device up " \
+                  "(unless the destination QEMU is gone: then remove the page server and the swap device)"
+    KEEP_DEVICE = "the source is gone: leave the swap device attached, holding every page"
+
+
+FAILURE_POLICY: dict[Phase, Policy] = {
+    Phase.CHECKING: Policy.RAISE,
+    Phase.SERVING: Policy.ROLL_BACK,
+    Phase.ATTACHING: Policy.ROLL_BACK,
+    Phase.STAGING: Policy.ROLL_BACK,
+    Phase.ARMING: Policy.ROLL_BACK,
+    Phase.SWITCHING: Policy.ROLL_BACK,
+    Phase.RESUMED: Policy.KEEP_SOURCE,
+    Phase.RELEASED: Policy.KEEP_DEVICE,
+    Phase.COMPLETED: Policy.RAISE,
+    Phase.DETACHED: Policy.RAISE,
+    Phase.ROLLED_BACK: Policy.RAISE,
+    Phase.FAILED: Policy.RAISE,
+}
+
+
+class PhaseError(RuntimeError):
+    """A bug in the driver: it tried a phase transition the table does not allow ("wrong postcopy state")."""
+
+
 class _Migration:
     def __init__(self, options: MigrateOptions):
         self.o = options
         self.work = Path(options.work_dir)
         self.stream = options.stream if options.stream is not None else sys.stderr
+        self.phase = Phase.CHECKING
+        self.src_pid = self.dst_pid = 0  # the QEMUs, from their QMP sockets
+        self.dst_ram: RamRegion | None = None
+        self.socket = self.work / "source.sock"  # the page server's
+        self.server_log = self.work / "source-server.log"
         self.server: subprocess.Popen | None = None
         self.swap_name = f"mig{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
-        self.attached = False
+        self.attached = False  # kept by _attach and _detach (a failed detach leaves it True)
+        self.device: str | None = None  # the swap device and its control socket, once attached
+        self.control: Path | None = None
         self.metrics_port = _free_port()
+
+    def _enter(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise PhaseError(f"wrong migration phase: {self.phase.name} -> {phase.name}")
+        log.debug("phase %s -> %s", self.phase.name, phase.name)
+        self.phase = phase
 
     def say(self, message: str) -> None:
         if not self.o.quiet:
@@ -136,77 +225,59 @@ class _Migration:
             raise
         try:
             return self._run(source, destination)
+        except BaseException as exc:
+            self._fail(source, destination, exc)
+            raise
         finally:
             destination.close()
             source.close()
 
     def _run(self, source: Qmp, destination: Qmp) -> MigrationReport:
-        src_pid, dst_pid = source.peer_pid(), destination.peer_pid()
-        self.dst_pid = dst_pid
+        src_pid, dst_pid = self.src_pid, self.dst_pid = source.peer_pid(), destination.peer_pid()
         src_ram, dst_ram = self._check(source, destination, src_pid, dst_pid)
-        resumed = False
-        try:
-            self._start_server(src_pid, src_ram)
-            key = self.work / "key"
-            key.write_bytes(os.urandom(32))
-            self._attach(src_ram.length, key)
-            self.say(f"staging {dst_ram.length >> 20} MiB of destination RAM (QEMU pid {dst_pid}) onto {self.device}")
-            stage = stage_range(dst_pid, dst_ram.address, dst_ram.length, MarkerCodec.from_file(key), self.device,
-                                control=str(self.control), quiet=self.o.quiet, stream=self.stream)
-            armed = self._device("arm")
-            if not armed.get("armed"):
-                raise MigrateError(f"the destination device did not arm: {armed}")
-            if not self._device("status").get("source_connected"):
-                raise MigrateError("the destination device is not connected to the source page server")
-            self.say("migrating device state (x-ignore-shared)")
-            started, stop, resume, info = self._switch_over(source, destination)
-            resumed = True
-        except BaseException as exc:
-            if resumed:
-                raise
-            self._roll_back(source, destination, exc)
-            if isinstance(exc, Exception):
-                raise MigrateError(f"{exc}\nrolled back: the source VM keeps running, the destination QEMU was "
-                                   "told to quit, the page server and the swap device are gone") from exc
-            raise
+        self.dst_ram = dst_ram
+        self._enter(Phase.SERVING)
+        self._start_server(src_pid, src_ram)
+        key = self.work / "key"
+        key.write_bytes(os.urandom(32))
+        self._enter(Phase.ATTACHING)
+        self._attach(src_ram.length, key)
+        self._enter(Phase.STAGING)
+        self.say(f"staging {dst_ram.length >> 20} MiB of destination RAM (QEMU pid {dst_pid}) onto {self.device}")
+        stage = stage_range(dst_pid, dst_ram.address, dst_ram.length, MarkerCodec.from_file(key), self.device,
+                            control=str(self.control), quiet=self.o.quiet, stream=self.stream)
+        self._enter(Phase.ARMING)
+        armed = self._device("arm")
+        if not armed.get("armed"):
+            raise MigrateError(f"the destination device did not arm: {armed}")
+        if not self._device("status").get("source_connected"):
+            raise MigrateError("the destination device is not connected to the source page server")
+        self._enter(Phase.SWITCHING)
+        self.say("migrating device state (x-ignore-shared)")
+        started, stop, resume, info = self._switch_over(source, destination)
+        self._enter(Phase.RESUMED)
         self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
                  f"after the source stopped); completing")
         released_at = None
-        try:
-            self._wait_for_prefetch()
-            if self._device("status").get("complete"):  # every page is local: the source is not needed
-                released_at = self._release_source(source)
-            completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
-                                        quiet=self.o.quiet, stream=self.stream)
-        except BaseException as exc:
-            if released_at is not None:
-                raise MigrateError(
-                    f"completion failed after the source was released: {exc}. Every page is on the swap device "
-                    f"{self.swap_name}, which was left attached; retry with "
-                    f"'{attachment.detach_command(self.swap_name, dst_pid, dst_ram.address, dst_ram.length)}'") from exc
-            if _exited(dst_pid):
-                self._stop_server()
-                self._detach()
-                raise MigrateError(
-                    f"the destination QEMU (pid {dst_pid}) exited after the switchover ({exc}); the source QEMU "
-                    f"(pid {src_pid}) is paused with the guest's memory intact: the QMP command 'cont' resumes "
-                    "it there, if nothing else (e.g. shared disks) moved on. Page server and swap device removed."
-                ) from exc
-            raise MigrateError(
-                f"completion failed after the switchover: {exc}. The guest runs at the destination and still "
-                f"needs the source: the source QEMU (pid {src_pid}), the page server (pid {self.server.pid}) "
-                f"and the swap device {self.swap_name} were left running; retry with "
-                f"'{attachment.detach_command(self.swap_name, dst_pid, dst_ram.address, dst_ram.length)}'") from exc
+        self._wait_for_prefetch()
+        if self._device("status").get("complete"):  # every page is local: the source is not needed
+            released_at = self._release_source(source)
+            self._enter(Phase.RELEASED)
+        completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
+                                    quiet=self.o.quiet, stream=self.stream)
         status = self._device("status")
         if not status.get("complete"):
+            self._enter(Phase.FAILED)
             raise MigrateError(
                 f"completion ended but the device still has {status.get('remaining')} pages to fetch: the source "
                 f"QEMU (pid {src_pid}), the page server and the swap device {self.swap_name} were left running")
+        self._enter(Phase.COMPLETED)
         if released_at is None:  # completion fetched what the prefetcher had left
             released_at = self._release_source(source)
         faults = self._fault_latency()
         total = released_at - started
         self._detach()
+        self._enter(Phase.DETACHED)
         return MigrationReport(
             guest_bytes=dst_ram.length,
             stage_seconds=stage.seconds,
@@ -222,6 +293,41 @@ class _Migration:
             fault_p99_ms=faults[1],
             source_released=self.o.release_source,
         )
+
+    def _fail(self, source: Qmp, destination: Qmp, exc: BaseException) -> None:
+        """Act on a failure as the phase it happened in says (FAILURE_POLICY), and raise the error that
+        tells the user what remains. Returns only to let the caller re-raise `exc` as it is."""
+        policy = FAILURE_POLICY[self.phase]
+        if policy is Policy.RAISE:
+            if self.phase not in FINAL:
+                self._enter(Phase.FAILED)
+            return
+        if policy is Policy.ROLL_BACK:
+            self._roll_back(source, destination, exc)
+            self._enter(Phase.ROLLED_BACK)
+            if isinstance(exc, Exception):
+                raise MigrateError(f"{exc}\nrolled back: the source VM keeps running, the destination QEMU was "
+                                   "told to quit, the page server and the swap device are gone") from exc
+            return
+        dst_ram, dst_pid, src_pid = self.dst_ram, self.dst_pid, self.src_pid
+        retry = f"'{attachment.detach_command(self.swap_name, dst_pid, dst_ram.address, dst_ram.length)}'"
+        self._enter(Phase.FAILED)
+        if policy is Policy.KEEP_DEVICE:
+            raise MigrateError(
+                f"completion failed after the source was released: {exc}. Every page is on the swap device "
+                f"{self.swap_name}, which was left attached; retry with {retry}") from exc
+        if _exited(dst_pid):
+            self._stop_server()
+            self._detach()
+            raise MigrateError(
+                f"the destination QEMU (pid {dst_pid}) exited after the switchover ({exc}); the source QEMU "
+                f"(pid {src_pid}) is paused with the guest's memory intact: the QMP command 'cont' resumes "
+                "it there, if nothing else (e.g. shared disks) moved on. Page server and swap device removed."
+            ) from exc
+        raise MigrateError(
+            f"completion failed after the switchover: {exc}. The guest runs at the destination and still "
+            f"needs the source: the source QEMU (pid {src_pid}), the page server (pid {self.server.pid}) "
+            f"and the swap device {self.swap_name} were left running; retry with {retry}") from exc
 
     # --- the steps ---------------------------------------------------------------------------------
 
@@ -249,7 +355,6 @@ class _Migration:
         return src_ram, dst_ram
 
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:
-        self.socket = self.work / "source.sock"
         if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
             source_args = ["--file", ram.path]
         else:  # memfd (or a deleted file): read it through the QEMU process
@@ -258,7 +363,6 @@ class _Migration:
                 "--listen", f"unix:{self.socket}", "--gate", "closed"]
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.path or 'anonymous'}) on {self.socket}, "
                  "gate closed")
-        self.server_log = self.work / "source-server.log"
         with open(self.server_log, "ab") as log_file:
             self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                            start_new_session=True)

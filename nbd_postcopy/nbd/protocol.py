@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from construct import ConstructError
 
+from ..common.units import PAGE_SIZE
 from . import wire
 from .wire import (
     BASE_ALLOCATION,
@@ -46,7 +47,6 @@ MAX_OPTION_DATA = 64 * 1024  # larger option data is answered NBD_REP_ERR_TOO_BI
 MAX_CHUNK_PAYLOAD = MAX_BLOCK + 8  # an OFFSET_DATA chunk carrying a whole maximal read
 MAX_EXTENTS = 8192  # block status descriptors in one reply
 MAX_META_QUERIES = 256
-PAGE = 4096
 BASE_ALLOCATION_ID = 1  # the context id the server gives base:allocation
 # A page server's instance identity travels as a meta context name that NBD_OPT_LIST_META_CONTEXT reports
 # (never selected for block status): "x-nbd-postcopy:instance=ID". See docs/DESIGN.md, "Source identity".
@@ -132,7 +132,7 @@ class ExportInfo:
     size: int
     description: str = ""
     min_block: int = 1
-    preferred_block: int = PAGE
+    preferred_block: int = PAGE_SIZE
     max_block: int = MAX_BLOCK
     instance: str = ""  # the serving process's identity, "" for none
 
@@ -820,15 +820,15 @@ def zero_runs(data) -> list[tuple[int, int, bool]]:
     and only the pages whose first word is zero are compared in full, a whole candidate run at a time.
     """
     n = len(data)
-    if n <= PAGE:  # a single page: its first word usually settles it
+    if n <= PAGE_SIZE:  # a single page: its first word usually settles it
         if n >= 8 and wire.U64.unpack_from(data)[0]:
             return [(0, n, False)]
         return [(0, n, _all_zero(memoryview(data).cast("B"), 0, n))] if n else []
     view = memoryview(data).cast("B")
-    full = n // PAGE
-    firsts = view[: full * PAGE].cast("Q")[:: PAGE // 8].tolist() if full else []
-    if n % PAGE:
-        firsts.append(int(not _all_zero(view, full * PAGE, n)))
+    full = n // PAGE_SIZE
+    firsts = view[: full * PAGE_SIZE].cast("Q")[:: PAGE_SIZE // 8].tolist() if full else []
+    if n % PAGE_SIZE:
+        firsts.append(int(not _all_zero(view, full * PAGE_SIZE, n)))
     if all(firsts):
         return [(0, n, False)] if n else []
     runs: list[tuple[int, int, bool]] = []
@@ -838,16 +838,16 @@ def zero_runs(data) -> list[tuple[int, int, bool]]:
         if firsts[i]:
             while j < pages and firsts[j]:
                 j += 1
-            _add_run(runs, i * PAGE, min(j * PAGE, n), False)
+            _add_run(runs, i * PAGE_SIZE, min(j * PAGE_SIZE, n), False)
         else:
             while j < pages and not firsts[j]:
                 j += 1
-            start, end = i * PAGE, min(j * PAGE, n)
+            start, end = i * PAGE_SIZE, min(j * PAGE_SIZE, n)
             if _all_zero(view, start, end):
                 _add_run(runs, start, end, True)
             else:  # some candidate page holds data further in: decide page by page
-                for page in range(start, end, PAGE):
-                    stop = min(page + PAGE, n)
+                for page in range(start, end, PAGE_SIZE):
+                    stop = min(page + PAGE_SIZE, n)
                     _add_run(runs, page, stop, _all_zero(view, page, stop))
         i = j
     return runs
@@ -1066,7 +1066,7 @@ class ClientConnection(_Connection):
             size=self._info["size"],
             transmission_flags=self._info["flags"],
             min_block=self._info.get("minimum", 1),
-            preferred_block=self._info.get("preferred", PAGE),
+            preferred_block=self._info.get("preferred", PAGE_SIZE),
             max_block=min(self._info.get("maximum", MAX_BLOCK), MAX_BLOCK),
             structured_replies=self.structured_replies,
             base_allocation=BASE_ALLOCATION in self._context_ids.values(),

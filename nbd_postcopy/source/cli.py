@@ -5,27 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import signal
 import ssl
 import uuid
 
 from prometheus_client import CollectorRegistry
 
-from ..common.command import CommandError
+from ..common.command import CommandError, option_type
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
-from ..common.metrics import serve_metrics
+from ..common.metrics import parse_metrics_listen, serve_metrics
+from ..common.units import parse_address, parse_listen, parse_size
 from ..nbd.protocol import ProtocolError, check_instance_id
 from .server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     PageServer,
-    parse_listen,
     run_server,
 )
-from .sources import FileSource, ProcessSource, SourceOpenError, parse_address
+from .sources import FileSource, ProcessSource, SourceOpenError
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,10 @@ The freeze gate keeps pages from leaving while the source can still change them:
   --gate open          serve at once (the default)
   --gate closed        hold every READ, BLOCK_STATUS and CACHE until the gate opens:
                        send SIGUSR1 to this process (kill -USR1 PID) to open it
-  --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket reports
-                       its guest paused, postmigrate or finish-migrate (give the server a
-                       -qmp socket of its own: QEMU serves one client per QMP socket)
+  --gate qmp:SOCKET    like closed, and also open when the QEMU on that QMP socket stops its
+                       guest (a STOP event, or status paused, postmigrate or finish-migrate;
+                       give the server a -qmp socket of its own: QEMU serves one client per
+                       QMP socket). Until that socket answers, the server says so and retries.
 The gate never closes again once open. Its opening is logged.
 
 TLS: --tls-cert/--tls-key enable NBD STARTTLS (--tls allow, the default then, also accepts plaintext;
@@ -69,25 +69,6 @@ examples:
       --gate qmp:/run/qemu-src.qmp --metrics-listen 127.0.0.1:9101
   nbdinfo 'nbd+unix:///ram?socket=/run/nbdpc.sock'
 """
-
-_SIZE = re.compile(r"^(\d+|0x[0-9a-fA-F]+)([KMGT]i?B?)?$")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes: 4096, 0x1000, 256M, 1G, 1GiB (binary units)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use bytes, or a number with K, M, G or T")
-    return int(match.group(1), 0) * _UNITS[(match.group(2) or "")[:1]]
-
-
-def _listen_spec(text: str):
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
 
 def _export_name(text: str) -> str:
     if len(text.encode()) > 4096:
@@ -130,9 +111,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", metavar="PATH", help="file holding guest RAM (opened read-only)")
     src.add_argument("--pid", type=int, help="process whose memory to serve")
     src.add_argument("--address", type=str, metavar="ADDR", help="start address in that process (0x... or decimal)")
-    src.add_argument("--length", type=parse_size, metavar="BYTES", help="bytes to serve from ADDR (e.g. 1G)")
-    p.add_argument("--listen", type=_listen_spec, action="append", required=True, metavar="unix:PATH|tcp:HOST:PORT",
-                   help="where to listen (repeatable)")
+    src.add_argument("--length", type=option_type(parse_size), metavar="BYTES",
+                     help="bytes to serve from ADDR (e.g. 1G)")
+    p.add_argument("--listen", type=option_type(parse_listen), action="append", required=True,
+                   metavar="unix:PATH|tcp:HOST:PORT", help="where to listen (repeatable)")
     p.add_argument("--export", default="", metavar="NAME", type=_export_name,
                    help='export name (the default export "" is accepted too)')
     p.add_argument("--gate", type=_gate_spec, default="open", metavar="open|closed|qmp:SOCKET",
@@ -147,7 +129,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     p.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="S",
                    help=f"close a connection with no request for S seconds; 0: never (default {DEFAULT_IDLE_TIMEOUT:g})")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
     p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="F", help="CA that client certificates must be signed by (PEM)")

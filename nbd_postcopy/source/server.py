@@ -17,10 +17,10 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from ..common.linux import remove_stale_socket
 from ..common.ratelog import RateLimitedLog
+from ..common.units import ListenAddress
 from .gate import Gate
 from .metrics import ServerMetrics
 from ..nbd.protocol import (
@@ -57,29 +57,6 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds to finish the handshake, or a message once begun
 DEFAULT_IDLE_TIMEOUT = 3600.0  # seconds without a request before a connection is closed (0: never)
 SWEEP_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    kind: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
-def parse_listen(spec: str) -> ListenAddress:
-    """'unix:PATH' or 'tcp:HOST:PORT' (HOST may be [v6]) -> ListenAddress."""
-    kind, sep, rest = spec.partition(":")
-    if sep and kind == "unix" and rest:
-        return ListenAddress("unix", path=rest)
-    if sep and kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if sep and host and port.isdigit() and int(port) < 65536:
-            return ListenAddress("tcp", host=host.strip("[]"), port=int(port))
-    raise ValueError(f"bad --listen {spec!r}: use unix:PATH or tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)")
 
 
 class PageServer:

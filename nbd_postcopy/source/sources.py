@@ -6,12 +6,11 @@ reports all-zero 4 KiB pages as holes so that a client can skip them.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 from pathlib import Path
 
+from ..common.linux import FileView
 from ..common.units import PAGE_SIZE
 from ..nbd.protocol import zero_runs
 from ..nbd.wire import StateFlag
@@ -85,7 +84,7 @@ class FileSource(Source):
             self.size = os.lseek(self._fd, 0, os.SEEK_END)  # also right for block devices
             if self.size == 0:
                 raise SourceOpenError(f"source file {self.path} is empty")
-            self._map = _ReadOnlyMapping(self._fd, self.size)
+            self._map = FileView(self._fd, self.size)
         except OSError as exc:
             os.close(self._fd)
             raise SourceOpenError(f"cannot map source file {self.path}: {exc.strerror or exc}") from exc
@@ -126,54 +125,8 @@ class FileSource(Source):
         os.close(self._fd)
 
 
-class _ReadOnlyMapping:
-    """A PROT_READ shared mapping of a whole file, with mincore() to tell which pages are in memory.
-
-    Made with libc's mmap through ctypes because Python's mmap object does not reveal its address.
-    Not thread-safe (one mincore vector is reused); the server calls it from its event loop only.
-    """
-
-    def __init__(self, fd: int, size: int):
-        self.size = size
-        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if address in (None, _MAP_FAILED):
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-        self.address = address
-        self.view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
-        self._vector = ctypes.create_string_buffer(MAX_SCAN // PAGE_SIZE + 1)
-
-    def resident(self, offset: int, length: int) -> bool:
-        first = offset - offset % PAGE_SIZE
-        pages = (offset + length - first + PAGE_SIZE - 1) // PAGE_SIZE
-        if pages > len(self._vector) or _libc.mincore(self.address + first, pages * PAGE_SIZE, self._vector):
-            return False
-        return b"\0" not in ctypes.string_at(self._vector, pages)
-
-    def close(self) -> None:
-        self.view.release()
-        _libc.munmap(self.address, self.size)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 _SCAN_STEP = 512 * 1024  # after this much data, look for a hole to skip again
 _MAP_READ = 64 * 1024  # smaller reads copy with pread, cheaper than asking mincore
-
-
-def parse_address(text: str) -> int:
-    """A start address: decimal or 0x-prefixed hex."""
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise ValueError(f"address must be a number like 0x7f0000000000, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"address must not be negative, got {text!r}")
-    return value
 
 
 class ProcessSource(Source):

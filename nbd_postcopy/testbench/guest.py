@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..common.units import PAGE_SIZE
+
 DEFAULT_CACHE_DIR = Path("/var/cache/nbd-postcopy/guest")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -190,7 +192,6 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
 
 # --- memcheck's pattern and console lines ------------------------------------------------------
 
-PAGE_SIZE = 4096
 _MASK = (1 << 64) - 1
 _STEP = 0x9E3779B97F4A7C15
 

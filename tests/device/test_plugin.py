@@ -22,7 +22,7 @@ from nbd_postcopy.common.units import PAGE_SIZE
 from nbd_postcopy.device import swapheader
 from nbd_postcopy.device.control import request
 from nbd_postcopy.device.markers import MarkerCodec
-from nbd_postcopy.device.config import parse_size
+from nbd_postcopy.common.units import parse_size
 from tests.conftest import PLUGIN, wait_for_path
 from tests.servers import free_tcp_port, serve, stop, write_image
 

@@ -201,3 +201,52 @@ def test_a_failed_verify_zeroes_the_range_and_restores_the_memcg(swap_lock, proc
             assert second.command("checksum")["sha256"] == hashlib.sha256(bytes(second.length)).hexdigest()
             first.exit()
             second.exit()
+
+
+@pytest.mark.parametrize("fails_at", ["view", "memcg", "move"])
+def test_stage_range_closes_what_it_opened_on_every_exit(monkeypatch, fails_at):
+    """The cleanups, without a swap device: each step fails in turn; the undo (once the memcg is there)
+    runs first, then the pagemap view closes, then the pidfd: the last opened first."""
+    from nbd_postcopy.host import staging
+
+    events, pidfds = [], []
+    real_pidfd_open = linux.pidfd_open
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+
+    def pidfd_open(pid):
+        pidfds.append(real_pidfd_open(pid))
+        return pidfds[-1]
+
+    class View:
+        def __init__(self, *args):
+            if fails_at == "view":
+                raise OSError(5, "view failed")
+
+        def close(self):
+            events.append(f"close view, pidfd {'open' if is_open(pidfds[0]) else 'closed'}")
+
+    class FakeMemcg:
+        def move(self, pid):
+            raise OSError(5, "move failed")
+
+    def for_target(pid, name):
+        if fails_at == "memcg":
+            raise OSError(5, "memcg failed")
+        return FakeMemcg(), Path("/home")
+
+    monkeypatch.setattr(staging, "validate", lambda *args: None)
+    monkeypatch.setattr(staging.linux, "pidfd_open", pidfd_open)
+    monkeypatch.setattr(staging, "_Pages", View)
+    monkeypatch.setattr(staging.Memcg, "for_target", staticmethod(for_target))
+    monkeypatch.setattr(staging, "_undo", lambda *args: events.append("undo") or "state left: nothing was changed")
+    with pytest.raises(StagingError, match=f"{fails_at} failed"):
+        stage_range(os.getpid(), 0x10000, PAGE_SIZE, MarkerCodec(b"k" * 32), "/dev/null")
+    assert not is_open(pidfds[0])
+    assert events == {"view": [], "memcg": ["close view, pidfd open"],
+                      "move": ["undo", "close view, pidfd open"]}[fails_at]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -23,6 +25,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nbd_postcopy.nbd.client import SourceClient, SourceUnavailable
+from nbd_postcopy.source import gate as gate_module
 from nbd_postcopy.source.gate import Gate, watch_qmp
 from nbd_postcopy.source.metrics import ServerMetrics
 from nbd_postcopy.nbd.protocol import (
@@ -34,8 +37,8 @@ from nbd_postcopy.nbd.protocol import (
     ReadDone,
     Ready,
 )
-from nbd_postcopy.source.server import PageServer, _NbdConnection, parse_listen
-from nbd_postcopy.source.cli import parse_size
+from nbd_postcopy.source.server import PageServer, _NbdConnection
+from nbd_postcopy.common.units import parse_listen, parse_size
 from nbd_postcopy.source.sources import MAX_SCAN_DATA, FileSource, ProcessSource, SourceOpenError
 from nbd_postcopy.nbd.wire import REQUEST, REQUEST_MAGIC, Command, CommandFlag
 
@@ -226,25 +229,43 @@ def test_garbage_drops_that_client_and_others_keep_working(run_dir, image):
 
 
 class FakeQMP:
-    """A QMP server on a Unix socket whose guest reports `statuses` in turn (then the last one)."""
+    """A QMP server on a Unix socket whose guest reports `statuses` in turn (then the last one), and
+    that sends a STOP event after query number `stop_after`, if given."""
 
-    def __init__(self, path: str, statuses: list[str]):
-        self.path, self.statuses = path, list(statuses)
+    def __init__(self, path: str, statuses: list[str], stop_after: int | None = None):
+        self.path, self.statuses, self.stop_after = path, list(statuses), stop_after
         self.queries = 0
 
     async def handle(self, reader, writer):
         writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
-        while line := await reader.readline():
-            command = json.loads(line)
+        async for command in self._commands(reader):
             if command["execute"] == "query-status":
                 status = self.statuses[min(self.queries, len(self.statuses) - 1)]
                 self.queries += 1
                 writer.write(b'{"event": "RESUME", "data": {}, "timestamp": {}}\n')  # noise to skip
-                reply = {"return": {"running": status == "running", "status": status}, "id": command["id"]}
+                reply = {"return": {"running": status == "running", "status": status}}
             else:
-                reply = {"return": {}, "id": command["id"]}
+                reply = {"return": {}}
+            if "id" in command:
+                reply["id"] = command["id"]
             writer.write(json.dumps(reply).encode() + b"\n")
+            if self.queries == self.stop_after and command["execute"] == "query-status":
+                writer.write(b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}\n')
         writer.close()
+
+    @staticmethod
+    async def _commands(reader):
+        """The JSON objects the client sends, as they come (qemu.qmp ends them with no newline)."""
+        decoder, buffer = json.JSONDecoder(), ""
+        while chunk := await reader.read(4096):
+            buffer += chunk.decode()
+            while buffer.strip():
+                try:
+                    command, end = decoder.raw_decode(buffer.lstrip())
+                except ValueError:
+                    break
+                buffer = buffer.lstrip()[end:]
+                yield command
 
 
 @pytest.mark.parametrize("final", ["paused", "postmigrate", "finish-migrate"])
@@ -263,6 +284,49 @@ def test_qmp_gate_opens_when_qemu_stops(run_dir, final):
             server.close()
 
     asyncio.run(main())
+
+
+def test_qmp_gate_opens_on_the_stop_event(run_dir, caplog):
+    async def main():
+        qmp = FakeQMP(str(run_dir / "qmp.sock"), ["running"], stop_after=2)
+        server = await asyncio.start_unix_server(qmp.handle, qmp.path)
+        gate = Gate(False)
+        try:
+            await asyncio.wait_for(watch_qmp(gate, qmp.path, poll_interval=0.05), 10)
+            assert gate.is_open and qmp.queries == 2  # opened by the event, not by a status
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.INFO, logger="nbd_postcopy.source.gate"):
+        asyncio.run(main())
+    assert "freeze gate open (QEMU at" in caplog.text and "reports a STOP event" in caplog.text
+
+
+def test_qmp_gate_waiting_for_qemu_says_so_once_then_reminds_rarely(run_dir, caplog, monkeypatch):
+    monkeypatch.setattr(gate_module, "REMINDER_INTERVAL", 0.3)
+    path = str(run_dir / "qmp.sock")
+
+    async def main():
+        qmp = FakeQMP(path, ["running", "paused"])
+        gate = Gate(False)
+        watcher = asyncio.ensure_future(watch_qmp(gate, path, poll_interval=0.01))
+        await asyncio.sleep(1.0)  # ~100 attempts on a missing socket
+        assert not gate.is_open
+        server = await asyncio.start_unix_server(qmp.handle, path)
+        try:
+            await asyncio.wait_for(watcher, 10)
+            assert gate.is_open
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.INFO, logger="nbd_postcopy.source.gate"):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "waiting" in r.getMessage()]
+    assert warnings[0] == (f"freeze gate: waiting for QMP socket {path} (QEMU not there yet); retrying every "
+                           "0.01 s; pages stay held until the source stops")
+    assert 2 <= len(warnings) <= 5, warnings  # the first, then a reminder every 0.3 s: not one per attempt
+    assert all("(for " in w for w in warnings[1:])
+    assert f"freeze gate watching QEMU over QMP socket {path}" in caplog.text
 
 
 def test_tls_required_in_process_with_the_client_core(run_dir, image, tls_files):
@@ -315,7 +379,7 @@ def test_listen_and_size_specs():
     assert str(parse_listen("unix:/run/x.sock")) == "unix:/run/x.sock"
     assert (parse_listen("tcp:[::1]:10809").host, parse_listen("tcp:[::1]:10809").port) == ("::1", 10809)
     for bad in ("udp:1.2.3.4:5", "tcp:localhost", "tcp::80", "unix:", "tcp:h:99999", "/path"):
-        with pytest.raises(ValueError, match="bad --listen"):
+        with pytest.raises(ValueError, match="not a listen address|out of range"):
             parse_listen(bad)
     assert parse_size("1G") == 1 << 30 and parse_size("0x1000") == 4096 and parse_size("64MiB") == 64 << 20
 
@@ -438,7 +502,7 @@ def test_clear_errors(run_dir, image, args, message):
 def test_bad_listen_spec_is_a_usage_error(image):
     result = subprocess.run([*SERVE, "--file", str(image[0]), "--listen", "tcp:nohost"], capture_output=True,
                             text=True, timeout=30)
-    assert result.returncode == 2 and "bad --listen 'tcp:nohost'" in result.stderr
+    assert result.returncode == 2 and "argument --listen: not a listen address: 'tcp:nohost'" in result.stderr
 
 
 def test_busy_port_and_live_socket_are_refused(processes, run_dir, image):
@@ -485,7 +549,9 @@ def test_qmp_gate_opens_when_a_real_qemu_stops(processes, run_dir, image):
         assert result["data"] == image[1][:PAGE]
     finally:
         client.close()
-    assert "reports status 'paused'" in (run_dir / "qmp.log").read_text()
+    # the STOP event opens it (or query-status, should it see the pause first)
+    assert re.search(r"freeze gate open \(QEMU at \S+ (reports a STOP event|reports status 'paused')\)",
+                     (run_dir / "qmp.log").read_text())
 
 
 def test_file_source_skips_holes_without_allocating_them():
