@@ -308,7 +308,7 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["prefetch=maybe"], "prefetch=maybe: must be one of on, off"),
         (["label=" + "x" * 17], "longer than 16 bytes"),
         (["source-id=a b"], "source-id=a b: instance id 'a b': want 1..128 characters"),
-        (["metrics=127.0.0.1:70000"], "metrics=127.0.0.1:70000: port 70000 is out of range"),
+        (["metrics=127.0.0.1:70000"], "metrics=127.0.0.1:70000: port 70000 out of range 0..65535"),
         (["control=/tmp/" + "x" * 120], "path longer than 107 bytes"),
         (["control=KEY"], "exists and is not a socket"),
     ],
