@@ -560,3 +560,10 @@ def read_direct(path: str, offset: int, length: int = PAGE_SIZE) -> bytes:
     finally:
         os.close(fd)
         buf.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on `host` a moment ago (for a listener started right after)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

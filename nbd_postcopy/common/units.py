@@ -66,6 +66,19 @@ def parse_listen(spec: str, kinds: tuple[str, ...] = ("unix", "tcp")) -> ListenA
     return ListenAddress("tcp", host=(host[1:-1] if bracketed else host) or "127.0.0.1", port=int(port))
 
 
+def parse_tcp_listen(spec: str) -> ListenAddress:
+    """A TCP address only ('tcp:HOST:PORT', 'HOST:PORT'), with a port other than 0."""
+    address = parse_listen(spec, kinds=("tcp",))
+    if address.port == 0:
+        raise ValueError(f"port 0 in {spec!r}: give the port to use")
+    return address
+
+
+def bracket(host: str) -> str:
+    """HOST as it goes before :PORT ([v6])."""
+    return f"[{host}]" if ":" in host else host
+
+
 def human_bytes(count: float) -> str:
     """A byte count for people: '512 B', '68.0 MiB', '1.0 GiB' (binary units, one decimal)."""
     units = ("B", "KiB", "MiB", "GiB", "TiB")

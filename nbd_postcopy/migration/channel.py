@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import select
+import shutil
 import socket
 import ssl
 import time
@@ -83,6 +84,15 @@ class TlsFiles:
             if not Path(path).is_file():
                 raise ChannelError(f"TLS file {path} does not exist")
         return cls(Path(cert), Path(key), Path(ca))
+
+    def layout(self, directory: Path, role: str) -> Path:
+        """Copy the files into `directory` under the names libnbd's tls-certificates= and QEMU's
+        tls-creds-x509 read: ca-cert.pem, ROLE-cert.pem, ROLE-key.pem (ROLE client or server)."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        shutil.copyfile(self.ca, directory / "ca-cert.pem")
+        shutil.copyfile(self.cert, directory / f"{role}-cert.pem")
+        shutil.copyfile(self.key, directory / f"{role}-key.pem")
+        return directory
 
     def context(self, server_side: bool) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
@@ -274,18 +284,6 @@ def _keepalive(sock: socket.socket) -> None:
     for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
         if hasattr(socket, option) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def free_port(host: str) -> int:
-    """A TCP port that was free on `host` a moment ago."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def bracket(host: str) -> str:
-    """HOST as it goes before :PORT ([v6])."""
-    return f"[{host}]" if ":" in host else host
 
 
 def _ssl_reason(exc: Exception) -> str:

@@ -8,7 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..common.command import CommandError
+from ..common.command import CommandError, option_type
+from ..common.units import parse_tcp_listen
 from ..source.shaping import parse_rate
 from .channel import ChannelError, TlsFiles
 from .migrate import MigrateError, MigrateOptions, migrate
@@ -61,13 +62,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--destination-qmp", type=Path, metavar="SOCKET",
                        help="QMP Unix socket of the destination QEMU on this host (started with -incoming defer)")
-    where.add_argument("--to", type=_tcp_address, metavar="tcp:HOST:PORT",
+    where.add_argument("--to", type=option_type(parse_tcp_listen), metavar="tcp:HOST:PORT",
                        help="the `nbd-postcopy receive` waiting on another host")
     tls = parser.add_argument_group("two hosts (--to)")
     tls.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
     tls.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
     tls.add_argument("--tls-ca", metavar="F", help="the CA that signs both hosts' certificates (PEM)")
-    tls.add_argument("--page-listen", type=_tcp_address, metavar="tcp:ADDR:PORT",
+    tls.add_argument("--page-listen", type=option_type(parse_tcp_listen), metavar="tcp:ADDR:PORT",
                      help="where the page server listens (default: this host's address towards --to, a free port)")
     tls.add_argument("--prefetch-bandwidth", type=_rate, metavar="RATE",
                      help="cap prefetch replies at RATE (e.g. 800mbit) with HTB on the egress interface")
@@ -80,14 +81,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-source", action="store_true",
                         help="do not quit the source QEMU after every page is local")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
-
-
-def _tcp_address(text: str) -> tuple[str, int]:
-    kind, _, rest = text.partition(":")
-    host, _, port = rest.rpartition(":")
-    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"want tcp:HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _rate(text: str) -> int:
@@ -123,8 +116,8 @@ def _run_to(args: argparse.Namespace) -> int:
     if args.interface and not args.prefetch_bandwidth:
         raise CommandError("--interface goes with --prefetch-bandwidth")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-mig-", dir="/tmp"))
-    host, port = args.to
-    options = SendOptions(args.source_qmp, host, port, work_dir, tls=tls, page_listen=args.page_listen,
+    page_listen = (args.page_listen.host, args.page_listen.port) if args.page_listen else None
+    options = SendOptions(args.source_qmp, args.to.host, args.to.port, work_dir, tls=tls, page_listen=page_listen,
                           prefetch_bandwidth=args.prefetch_bandwidth, interface=args.interface, memdev=args.memdev,
                           release_source=not args.keep_source, quiet=args.quiet)
     try:

@@ -33,7 +33,6 @@ import enum
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
+from ..common.linux import free_port
 from ..common.progress import Progress
 from .ram import RAM_ID, RamRegion, ram_region_of
 from ..common.qmp import Qmp, QmpEvent, VmError
@@ -203,7 +203,7 @@ class _Migration:
         self.attached = False  # kept by _attach and _detach (a failed detach leaves it True)
         self.device: str | None = None  # the swap device and its control socket, once attached
         self.control: Path | None = None
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
 
     def _enter(self, phase: Phase) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -381,13 +381,7 @@ class _Migration:
         keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
                 f"metrics=127.0.0.1:{self.metrics_port}"]
         self.say(f"attaching the destination swap device ({self.swap_name})")
-        report = attachment.CollectingReporter()
-        options = attachment.AttachOptions(keys, name=self.swap_name, state_dir=self.swap_state)
-        try:
-            swap = attachment.attach(options, report=report)
-        except attachment.AttachmentError as exc:
-            output = report.text if exc.reported else f"{exc}\n{report.text}"
-            raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
+        swap = attach_device(keys, self.swap_name, self.swap_state)
         self.attached = True
         self.device, self.control = swap.state.device, Path(swap.state.control)
 
@@ -514,6 +508,16 @@ def histogram_quantiles(exposition: str, name: str, quantiles: tuple[float, ...]
     return tuple(next(bound * 1000 for bound, count in buckets if count >= q * total) for q in quantiles)
 
 
+def attach_device(keys: list[str], name: str, state_dir: Path) -> attachment.Attachment:
+    """Attach the postcopy swap device with plugin `keys`; MigrateError with attach's own words if it fails."""
+    report = attachment.CollectingReporter()
+    try:
+        return attachment.attach(attachment.AttachOptions(keys, name=name, state_dir=state_dir), report=report)
+    except attachment.AttachmentError as exc:
+        output = report.text if exc.reported else f"{exc}\n{report.text}"
+        raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
+
+
 def _connect(path: Path, role: str) -> Qmp:
     try:
         return Qmp(path, name=role)
@@ -542,8 +546,4 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import shutil
 import sys
 import time
 import urllib.request
@@ -30,8 +29,10 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
+from ..common.linux import free_port
 from ..common.progress import Progress
 from ..common.qmp import Qmp, QmpEvent, VmError
+from ..common.units import bracket
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
 from ..host import attachment
@@ -42,7 +43,7 @@ from .migrate import (
     MigrateError,
     _connect,
     _exited,
-    _free_port,
+    attach_device,
     _memdev_property,
     _wait_gone,
     histogram_quantiles,
@@ -89,7 +90,7 @@ class Receiver:
         self.phase = Phase.WAITING
         self.swap_name = f"rcv{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.channel: ch.Channel | None = None
         self.control: Path | None = None
         self.dst_pid = 0
@@ -225,7 +226,7 @@ class Receiver:
         if uri.startswith("nbds://"):
             if self.o.tls is None:
                 raise MigrateError("the sender serves pages over TLS, but this side has no certificates")
-            uri += "?tls-certificates=" + quote(str(self._tls_dir("client")))
+            uri += "?tls-certificates=" + quote(str(self.o.tls.layout(self.work / "tls-client", "client")))
         elif self.o.tls is not None:
             raise MigrateError("the sender serves pages in clear, but TLS is configured here: refused")
         keys = [f"source={uri}", f"size={size}", f"key={key}", f"source-id={instance}",
@@ -233,34 +234,18 @@ class Receiver:
         if self.o.timeout is not None:
             keys.append(f"timeout={self.o.timeout:g}")
         self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
-        report = attachment.CollectingReporter()
-        options = attachment.AttachOptions(keys, name=self.swap_name, state_dir=self.swap_state)
-        try:
-            swap = attachment.attach(options, report=report)
-        except attachment.AttachmentError as exc:
-            output = report.text if exc.reported else f"{exc}\n{report.text}"
-            raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
+        swap = attach_device(keys, self.swap_name, self.swap_state)
         self.control = Path(swap.state.control)
         return swap.state.device
-
-    def _tls_dir(self, endpoint: str) -> Path:
-        """The certificates in the layout libnbd (client) and QEMU's tls-creds-x509 (server) read."""
-        tls = self.o.tls
-        directory = self.work / f"tls-{endpoint}"
-        directory.mkdir(mode=0o700, exist_ok=True)
-        shutil.copyfile(tls.ca, directory / "ca-cert.pem")
-        shutil.copyfile(tls.cert, directory / f"{endpoint}-cert.pem")
-        shutil.copyfile(tls.key, directory / f"{endpoint}-key.pem")
-        return directory
 
     def _listen_for_device_state(self, qmp: Qmp) -> int:
         qmp.set_capabilities(x_ignore_shared=True, events=True)
         if self.o.tls is not None:
             qmp.execute("object-add", qom_type="tls-creds-x509", id="nbdpc-tls", endpoint="server",
-                        dir=str(self._tls_dir("server")), verify_peer=True)
+                        dir=str(self.o.tls.layout(self.work / "tls-server", "server")), verify_peer=True)
             qmp.set_parameters(tls_creds="nbdpc-tls")
-        port = ch.free_port(self.o.listen_host)
-        qmp.migrate_incoming(f"tcp:{ch.bracket(self.o.listen_host)}:{port}")
+        port = free_port(self.o.listen_host)
+        qmp.migrate_incoming(f"tcp:{bracket(self.o.listen_host)}:{port}")
         return port
 
     def _wait_resumed(self, qmp: Qmp, dst_pid: int, mark: int) -> QmpEvent:

@@ -7,7 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..common.command import CommandError
+from ..common.command import CommandError, option_type
+from ..common.units import parse_tcp_listen
 from .channel import ChannelError, TlsFiles
 from .migrate import MigrateError
 from .ram import RAM_ID
@@ -39,14 +40,6 @@ Example:
 """
 
 
-def _tcp_address(text: str) -> tuple[str, int]:
-    kind, _, rest = text.partition(":")
-    host, _, port = rest.rpartition(":")
-    if kind != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"want tcp:ADDR:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -60,7 +53,7 @@ def _seconds(text: str) -> float:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qmp", required=True, type=Path, metavar="SOCKET",
                         help="QMP Unix socket of the destination QEMU (started with -incoming defer)")
-    parser.add_argument("--listen", required=True, type=_tcp_address, metavar="tcp:ADDR:PORT",
+    parser.add_argument("--listen", required=True, type=option_type(parse_tcp_listen), metavar="tcp:ADDR:PORT",
                         help="where to wait for the sender")
     parser.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
     parser.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
@@ -82,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     except ChannelError as exc:
         raise CommandError(str(exc)) from None
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-rcv-", dir="/tmp"))
-    host, port = args.listen
-    options = ReceiveOptions(args.qmp, host, port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
+    options = ReceiveOptions(args.qmp, args.listen.host, args.listen.port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
                              timeout=args.timeout)
     try:
         report = receive(options)

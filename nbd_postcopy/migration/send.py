@@ -21,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..common.linux import free_port
 from ..common.progress import Progress
 from ..common.qmp import Qmp, QmpEvent, VmError
+from ..common.units import bracket
 from ..source.shaping import PrefetchShaping, ShapingError, interface_towards
 from . import channel as ch
 from .migrate import MigrateError, MigrationReport, _connect, _memdev_property
@@ -118,7 +119,7 @@ class Sender:
         self.say(f"connected to the receiver at {chan.peer}" + (" (TLS)" if chan.tls else ""))
 
         page_host, page_port = self.o.page_listen or (self._local_address(), 0)
-        page_port = page_port or ch.free_port(page_host)
+        page_port = page_port or free_port(page_host)
         if self.o.prefetch_bandwidth:
             interface = self.o.interface or interface_towards(self.o.host)
             try:
@@ -126,14 +127,14 @@ class Sender:
             except ShapingError as exc:
                 raise MigrateError(str(exc)) from None
             self.say(f"prefetch replies capped at {self.o.prefetch_bandwidth / 1e6:g} Mbit/s on {interface}")
-        self.server = PageServerProcess(_source_args(src_pid, ram), [f"tcp:{ch.bracket(page_host)}:{page_port}"],
+        self.server = PageServerProcess(_source_args(src_pid, ram), [f"tcp:{bracket(page_host)}:{page_port}"],
                                         self.work / "source-server.log", extra_args=self._server_tls_args())
         try:
             self.server.start()
         except PageServerError as exc:
             raise MigrateError(str(exc)) from None
         scheme = "nbds" if self.o.tls else "nbd"
-        uri = f"{scheme}://{ch.bracket(page_host)}:{page_port}/"
+        uri = f"{scheme}://{bracket(page_host)}:{page_port}/"
         self._enter(Phase.SERVING)
         self.say(f"serving the source RAM ({ram.length >> 20} MiB) on {uri}, gate closed, instance "
                  f"{self.server.instance}")
@@ -196,9 +197,9 @@ class Sender:
 
     def _switch_over(self, qmp: Qmp, port: int) -> tuple[float, QmpEvent, dict]:
         qmp.set_capabilities(x_ignore_shared=True, events=True)
-        if self.o.tls is not None:
+        if (tls := self.o.tls) is not None:
             qmp.execute("object-add", qom_type="tls-creds-x509", id="nbdpc-tls", endpoint="client",
-                        dir=str(self._tls_dir()))
+                        dir=str(tls.layout(self.work / "tls-client", "client")))
             qmp.set_parameters(tls_creds="nbdpc-tls", tls_hostname=self.o.host)
         mark = qmp.mark()
         server = self.server
@@ -209,22 +210,13 @@ class Sender:
 
         qmp.on_event(open_gate)
         started = time.monotonic()
-        qmp.migrate(f"tcp:{ch.bracket(self.o.host)}:{port}")
+        qmp.migrate(f"tcp:{bracket(self.o.host)}:{port}")
         status = qmp.wait_migration(after=mark, timeout=MIGRATION_TIMEOUT)
         if status != "completed":
             reason = qmp.query_migrate().get("error-desc", "QEMU gave no reason")
             raise MigrateError(f"QEMU's migration {status}: {reason}")
         stop = qmp.wait_event("STOP", after=mark, timeout=10)
         return started, stop, qmp.query_migrate()
-
-    def _tls_dir(self) -> Path:
-        tls = self.o.tls
-        directory = self.work / "tls-client"
-        directory.mkdir(mode=0o700, exist_ok=True)
-        shutil.copyfile(tls.ca, directory / "ca-cert.pem")
-        shutil.copyfile(tls.cert, directory / "client-cert.pem")
-        shutil.copyfile(tls.key, directory / "client-key.pem")
-        return directory
 
     def _wait_local(self, ram: RamRegion) -> None:
         bar = None

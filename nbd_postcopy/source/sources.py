@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 from ..common.linux import FileView
-from ..common.units import PAGE_SIZE
 from ..nbd.protocol import zero_runs
 from ..nbd.wire import StateFlag
 

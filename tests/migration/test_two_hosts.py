@@ -16,7 +16,6 @@ from pyroute2 import NetNS
 
 from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
 from nbd_postcopy.testbench.vm import Vm
-from tests.conftest import wait_for_path
 from tests.netns import two_hosts
 
 MIB = 1 << 20
