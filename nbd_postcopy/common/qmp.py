@@ -63,6 +63,8 @@ class Qmp:
         self._events: list[QmpEvent] = []
         self._changed = threading.Condition()
         self._callbacks: list[Callable[[QmpEvent], None]] = []
+        for module in ("protocol", "qmp_client"):  # qemu.qmp logs every failed attempt; our error says it once
+            logging.getLogger(f"qemu.qmp.{module}.{name}").setLevel(logging.CRITICAL)
         try:
             self._client: QMPClient = self._call(self._connect(name, timeout), timeout + HANDSHAKE_TIMEOUT + 1)
         except BaseException:

@@ -29,7 +29,10 @@ def parse_address(text: str) -> int:
     digits = text.strip()
     if not re.fullmatch(r"0x[0-9a-f]+|\d+", digits, re.IGNORECASE):
         raise ValueError(f"address must be a number like 0x7f0000000000 (0xHEX or decimal), got {text!r}")
-    return int(digits, 0)
+    value = int(digits, 0)
+    if value >= 1 << 64:
+        raise ValueError(f"address {text!r} is beyond 64 bits")
+    return value
 
 
 @dataclass(frozen=True)

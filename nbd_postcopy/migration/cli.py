@@ -95,15 +95,14 @@ def run(args: argparse.Namespace) -> int:
         return _run_to(args)
     if any((args.tls_cert, args.tls_key, args.tls_ca, args.page_listen, args.prefetch_bandwidth, args.interface)):
         raise CommandError("--tls-*, --page-listen, --prefetch-bandwidth and --interface go with --to")
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-mig-", dir="/tmp"))
+    work_dir = make_work_dir(args.work_dir, "nbdpc-mig-")
     options = MigrateOptions(args.source_qmp, args.destination_qmp, work_dir, memdev=args.memdev,
                              release_source=not args.keep_source, quiet=args.quiet)
     try:
         report = migrate(options)
     except MigrateError as exc:
-        raise CommandError(f"{exc}\n(work directory kept: {work_dir})") from None
-    if args.work_dir is None:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
+    release_work_dir(work_dir, args.work_dir is None, failed=False)
     print(report.summary())
     return 0
 
@@ -115,7 +114,7 @@ def _run_to(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if args.interface and not args.prefetch_bandwidth:
         raise CommandError("--interface goes with --prefetch-bandwidth")
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-mig-", dir="/tmp"))
+    work_dir = make_work_dir(args.work_dir, "nbdpc-mig-")
     page_listen = (args.page_listen.host, args.page_listen.port) if args.page_listen else None
     options = SendOptions(args.source_qmp, args.to.host, args.to.port, work_dir, tls=tls, page_listen=page_listen,
                           prefetch_bandwidth=args.prefetch_bandwidth, interface=args.interface, memdev=args.memdev,
@@ -123,10 +122,29 @@ def _run_to(args: argparse.Namespace) -> int:
     try:
         report, details = migrate_to(options)
     except (MigrateError, ChannelError) as exc:
-        raise CommandError(f"{exc}\n(work directory kept: {work_dir})") from None
-    if args.work_dir is None:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
+    release_work_dir(work_dir, args.work_dir is None, failed=False)
     print(report.summary())
     print(f"source reconnects:         {details.get('reconnects', 0)} "
           f"({details.get('outage_seconds', 0.0):.1f} s without the source)")
     return 0
+
+
+def make_work_dir(given: Path | None, prefix: str) -> Path:
+    """The --work-dir given (made if missing), or a new one under /tmp."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    if given.exists() and not given.is_dir():
+        raise CommandError(f"--work-dir {given} exists and is not a directory")
+    return given
+
+
+def release_work_dir(work_dir: Path, made_here: bool, failed: bool) -> str:
+    """Remove a work directory this run made, unless a swap device attached from it is still there (its
+    state lives in it); returns the note for the error message."""
+    if not made_here:
+        return f"\n(work directory: {work_dir})" if failed else ""
+    if (work_dir / "swap").exists():
+        return f"\n(work directory kept, it holds the swap device's state: {work_dir})"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return ""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..common.command import CommandError, option_type
 from ..common.units import parse_tcp_listen
 from .channel import ChannelError, TlsFiles
+from .cli import make_work_dir, release_work_dir
 from .migrate import MigrateError
 from .ram import RAM_ID
 from .receive import ReceiveOptions, receive
@@ -74,15 +73,14 @@ def run(args: argparse.Namespace) -> int:
         tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     except ChannelError as exc:
         raise CommandError(str(exc)) from None
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="nbdpc-rcv-", dir="/tmp"))
+    work_dir = make_work_dir(args.work_dir, "nbdpc-rcv-")
     options = ReceiveOptions(args.qmp, args.listen.host, args.listen.port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
                              timeout=args.timeout)
     try:
         report = receive(options)
     except (MigrateError, ChannelError) as exc:
-        raise CommandError(f"{exc}\n(work directory kept: {work_dir})") from None
-    if args.work_dir is None:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
+    release_work_dir(work_dir, args.work_dir is None, failed=False)
     print(f"received {report['guest_bytes'] >> 20} MiB: {report['pages_demand']} pages on demand, "
           f"{report['pages_prefetch']} prefetched, {report['pages_without_fetch']} zero; every page is local "
           f"{report['resume_to_local_seconds']:.2f} s after the resume; completion {report['complete_seconds']:.2f} s; "

@@ -52,8 +52,6 @@ async def watch_qmp(gate: Gate, socket_path: str, poll_interval: float = POLL_IN
     query-status (asked on connecting, then every `poll_interval` seconds) reports a frozen state. Until
     QEMU is there, and after it went away, tries again every `poll_interval` seconds."""
     warn = _Reminder(poll_interval)
-    for module in ("protocol", "qmp_client"):  # qemu.qmp logs each failed attempt: the reminder says it instead
-        logging.getLogger(f"qemu.qmp.{module}.{QMP_NAME}").setLevel(logging.CRITICAL)
     while not gate.is_open:
         try:
             qmp = await asyncio.to_thread(Qmp, socket_path, 0.0, QMP_NAME)

@@ -75,6 +75,8 @@ class FileSource(Source):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SourceOpenError(f"source file {self.path} is a directory; give the file holding guest RAM")
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:

@@ -1,0 +1,85 @@
+"""Bad input to the commands: one clear line, a non-zero status, no traceback, and nothing left behind."""
+
+from __future__ import annotations
+
+import glob
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "nbd_postcopy.cli"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int, text: str) -> None:
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr and text in result.stderr, result.stderr
+    if status == 1:
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture
+def not_qmp(run_dir: Path):
+    """A Unix socket whose server accepts and says nothing (not QEMU)."""
+    path = run_dir / "silent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    try:
+        yield path
+    finally:
+        server.close()
+        for conn, _ in accepted:
+            conn.close()
+
+
+def test_migrate_with_missing_qmp_sockets_says_it_once_and_leaves_no_work_directory(run_dir):
+    before = set(glob.glob("/tmp/nbdpc-mig-*"))
+    result = run("migrate", "--source-qmp", str(run_dir / "nope.qmp"), "--destination-qmp", str(run_dir / "x.qmp"))
+    one_line_error(result, 1, "cannot talk to the source QEMU")
+    assert set(glob.glob("/tmp/nbdpc-mig-*")) == before
+
+
+def test_migrate_to_a_socket_that_is_not_qmp(not_qmp, run_dir):
+    result = run("migrate", "--source-qmp", str(not_qmp), "--destination-qmp", str(run_dir / "x.qmp"), timeout=60)
+    one_line_error(result, 1, f"cannot talk to the source QEMU: no QMP handshake on {not_qmp}")
+
+
+def test_migrate_work_dir_that_is_a_file(run_dir):
+    afile = run_dir / "afile"
+    afile.write_text("")
+    result = run("migrate", "--source-qmp", "a", "--destination-qmp", "b", "--work-dir", str(afile))
+    one_line_error(result, 1, f"--work-dir {afile} exists and is not a directory")
+
+
+@pytest.mark.parametrize("rate", ["0", "nan", "-3", "inf"])
+def test_complete_refuses_a_bad_rate(rate):
+    result = run("complete", "--pid", "1", "--address", "0x1000", "--length", "4096", "--rate-mib", rate)
+    one_line_error(result, 2, f"argument --rate-mib: want a positive number of MiB/s, got '{rate}'")
+
+
+def test_serve_a_directory(run_dir):
+    result = run("serve", "--file", str(run_dir), "--listen", f"unix:{run_dir}/s.sock")
+    one_line_error(result, 1, f"source file {run_dir} is a directory")
+
+
+@pytest.mark.parametrize("args, status, text", [
+    (["--address", "0x100000000000000000000"], 1, "address '0x100000000000000000000' is beyond 64 bits"),
+    (["--metrics-listen", "127.0.0.1:70000"], 2, "port 70000 out of range"),
+])
+def test_serve_addresses_out_of_range(run_dir, args, status, text):
+    base = ["--pid", str(subprocess.os.getpid()), "--address", "0x1000", "--length", "4096"]
+    if args[0] == "--address":
+        base = ["--pid", str(subprocess.os.getpid()), *args, "--length", "4096"]
+        args = []
+    result = run("serve", *base, *args, "--listen", f"unix:{run_dir}/s.sock")
+    one_line_error(result, status, text)
