@@ -524,10 +524,15 @@ def _unescape_mount_field(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def is_mounted(path: str | os.PathLike) -> bool:
-    """Whether something is mounted on `path` (exactly that path, as /proc/mounts lists it)."""
+def mount_points() -> list[str]:
+    """Every mount point, as /proc/mounts lists them."""
     with open("/proc/mounts") as f:
-        return any(_unescape_mount_field(line.split()[1]) == str(path) for line in f)
+        return [_unescape_mount_field(line.split()[1]) for line in f]
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    """Whether something is mounted on `path` (exactly that path)."""
+    return str(path) in mount_points()
 
 
 def loop_backing_file(device: str) -> str | None:

@@ -857,7 +857,13 @@ def detach(name: str, *, complete: bool = True, target: Target | None = None, se
     try:
         attachment = Attachment.load(state_dir, settings, report)
     except FileNotFoundError:
-        # Only an empty registry entry (attach died before writing any state): nothing was started.
+        # An empty registry entry (attach died before writing any state): nothing was started. Unless
+        # the state went missing while the device stayed up: then leave it to a person.
+        mounted = [m for m in linux.mount_points() if m.startswith(f"{state_dir}/")]
+        if mounted:
+            raise AttachmentError(f"{name} has no state record ({state_dir / STATE_JSON}), but {mounted[0]} is "
+                                  "still mounted: take it down by hand (swapoff, losetup -d, fusermount3 -u, stop "
+                                  "its nbdkit), then run detach again") from None
         with _step():
             entry = settings.entry(name)
             shutil.rmtree(state_dir, ignore_errors=True)

@@ -403,3 +403,18 @@ def test_detach_of_an_entry_without_state_removes_it(tmp_path):
     attachment.detach("half", settings=Settings(run_dir=run_dir), report=report)
     assert report.lines == ["detached half (it had no state: nothing was running)"]
     assert not (run_dir / "half").exists()
+
+
+@root
+def test_detach_leaves_an_entry_whose_state_went_missing_under_a_mount_alone(tmp_path):
+    """No state record, but something still mounted in the state directory: a person must look."""
+    run_dir = tmp_path / "run"
+    mount_point = run_dir / "lost" / "fuse"
+    mount_point.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "none", str(mount_point)], check=True)
+    try:
+        with pytest.raises(AttachmentError, match=f"lost has no state record .* {mount_point} is still mounted"):
+            attachment.detach("lost", settings=Settings(run_dir=run_dir), report=CollectingReporter())
+        assert is_mounted(mount_point)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
