@@ -162,6 +162,7 @@ class Receiver:
         self._wait_local(dst_pid)
         self._enter(Phase.LOCAL)
         local_at = time.monotonic()
+        at_local = self._device("status")  # outages counted before the source goes away on purpose
         chan.send("local")
         try:
             chan.expect("released", RELEASE_TIMEOUT)
@@ -186,8 +187,8 @@ class Receiver:
             "pages_without_fetch": status["pages"] - status["fetched_demand"] - status["fetched_prefetch"],
             "fault_p50_ms": faults[0],
             "fault_p99_ms": faults[1],
-            "reconnects": status.get("reconnects", 0),
-            "outage_seconds": status.get("outage_seconds", 0.0),
+            "reconnects": at_local["reconnects"],
+            "outage_seconds": at_local["outage_seconds"],
             "source_released": released,
         }
         try:
