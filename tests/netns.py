@@ -78,11 +78,15 @@ class RoutedHosts(Hosts):
     to_destination: str  # the router's interface towards the destination (its tbf is the bottleneck)
     rate: int
 
-    def bytes_to_destination(self) -> int:
-        """Bytes the router has sent towards the destination so far (its interface's tx counter)."""
+    def sent_to_destination(self) -> tuple[int, int, int]:
+        """Bytes and packets the link towards the destination has carried so far, and the packets it dropped
+        (its tbf's counters: after segmentation, Ethernet headers included)."""
         with NetNS(self.router) as ns:
-            link = ns.get_links(ns.link_lookup(ifname=self.to_destination)[0])[0]
-            return link.get_attr("IFLA_STATS64")["tx_bytes"]
+            for qdisc in ns.get_qdiscs(index=ns.link_lookup(ifname=self.to_destination)[0]):
+                if qdisc["parent"] == 0xFFFFFFFF:  # the root: our tbf
+                    stats = qdisc.get_attr("TCA_STATS")
+                    return stats["bytes"], stats["packets"], stats["drop"]
+        raise RuntimeError(f"no tbf on {self.to_destination} in {self.router}")
 
 
 @contextlib.contextmanager
