@@ -136,16 +136,41 @@ REPORT = {
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
-    """Ctrl-C (both commands clean up on SIGINT: swap, shaping, page server), then SIGKILL; by PID."""
+    """Ctrl-C (both commands clean up on SIGINT: swap, shaping, page server), then SIGKILL, by PID; a command
+    that needed SIGKILL may leave its children (page server, nbdkit supervisor): they are killed by PID too."""
     if proc is None or proc.poll() is not None:
         return
-    for sig, grace in ((signal.SIGINT, 60.0), (signal.SIGKILL, 10.0)):
-        proc.send_signal(sig)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    children = _children(proc.pid)
+    proc.kill()
+    proc.wait(10)
+    for pid in children:
         try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs of `pid`'s descendants."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
