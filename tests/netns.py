@@ -15,6 +15,7 @@ FUSE mounts stay visible. Removing a namespace removes its end of the veth pair 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,68 @@ def two_hosts() -> Iterator[Hosts]:
                 ns.link("set", index=index, state="up")
                 ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
         yield Hosts(src, dst)
+    finally:
+        for name in created:
+            netns.remove(name)
+
+
+# --- three namespaces: source -- router -- destination, the router's egress shaped --------------
+
+
+@dataclass(frozen=True)
+class RoutedHosts(Hosts):
+    """Two hosts joined through a router namespace whose egress on both sides is a tbf at `rate` bit/s."""
+
+    router: str  # its netns
+    to_destination: str  # the router's interface towards the destination (its tbf is the bottleneck)
+    rate: int
+
+    def sent_to_destination(self) -> tuple[int, int, int]:
+        """Bytes and packets the link towards the destination has carried so far, and the packets it dropped
+        (its tbf's counters: after segmentation, Ethernet headers included)."""
+        with NetNS(self.router) as ns:
+            for qdisc in ns.get_qdiscs(index=ns.link_lookup(ifname=self.to_destination)[0]):
+                if qdisc["parent"] == 0xFFFFFFFF:  # the root: our tbf
+                    stats = qdisc.get_attr("TCA_STATS")
+                    return stats["bytes"], stats["packets"], stats["drop"]
+        raise RuntimeError(f"no tbf on {self.to_destination} in {self.router}")
+
+
+@contextlib.contextmanager
+def routed_hosts(rate: int, queue_ms: float = 20.0) -> Iterator[RoutedHosts]:
+    """source (10.99.1.1) -- router (10.99.1.2 | 10.99.2.1) -- destination (10.99.2.2), each link a veth
+    pair, the router forwarding, and a tbf of `rate` bit/s (queue: `queue_ms` of data) on the router's
+    egress towards each end: an emulated link that leaves the ends' own root qdiscs free (e.g. for
+    `migrate --prefetch-bandwidth`). Names: netns pcs-/pcr-/pcd-XXXXXX; veths pcsXXXXXX <-> praXXXXXX,
+    prbXXXXXX <-> pcdXXXXXX. The veths are created inside the namespaces, so removing the namespaces in
+    `finally` removes every link and qdisc."""
+    tag = uuid.uuid4().hex[:6]
+    router = f"pcr-{tag}"
+    src = Host(f"pcs-{tag}", f"pcs{tag}", "10.99.1.1", "10.99.2.2")
+    dst = Host(f"pcd-{tag}", f"pcd{tag}", "10.99.2.2", "10.99.1.1")
+    legs = [(src, f"pra{tag}", "10.99.1.2"), (dst, f"prb{tag}", "10.99.2.1")]  # end, router side, gateway
+    created = []
+    try:
+        for name in (src.netns, router, dst.netns):
+            netns.create(name)
+            created.append(name)
+        for end, router_side, gateway in legs:
+            with NetNS(end.netns) as ns:
+                ns.link("add", ifname=end.interface, kind="veth", peer={"ifname": router_side, "net_ns_fd": router})
+                index = ns.link_lookup(ifname=end.interface)[0]
+                ns.addr("add", index=index, address=end.address, prefixlen=30)
+                ns.link("set", index=index, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                ns.route("add", dst=f"{end.peer}/32", gateway=gateway)
+            with NetNS(router) as ns:
+                index = ns.link_lookup(ifname=router_side)[0]
+                ns.addr("add", index=index, address=gateway, prefixlen=30)
+                ns.link("set", index=index, state="up")
+                burst = max(rate // 8 // 1000, 64 << 10)  # a millisecond of data, at least one GSO packet
+                ns.tc("add", "tbf", index, 0x10000, rate=f"{rate}bit", burst=burst, latency=int(queue_ms * 1000))  # microseconds
+        subprocess.run(["nsenter", f"--net=/run/netns/{router}", "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                       check=True)
+        yield RoutedHosts(src, dst, router, legs[1][1], rate)
     finally:
         for name in created:
             netns.remove(name)
