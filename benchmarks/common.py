@@ -92,6 +92,9 @@ def plot_bars(name: str, title: str, labels: Sequence[str], series: dict[str, Se
     for axis, (ylabel, values) in zip(axes[0], series.items()):
         axis.bar(labels, values)
         axis.set_ylabel(ylabel)
+        axis.tick_params(axis="x", labelrotation=30)  # long method names must not run into each other
+        for label in axis.get_xticklabels():
+            label.set_horizontalalignment("right")
     figure.suptitle(title)
     figure.tight_layout()
     path = results_dir / f"{name}.png"
