@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..common import linux
-from ..common.units import human_bytes
+from ..common.units import PAGE_SIZE, human_bytes
 from ..device.control import ControlError, request
 from .completion import complete_range
 
@@ -667,7 +667,7 @@ class Attachment:
             if device is None:
                 raise AttachmentError("no free /dev/nbdN device")
             s.nbd_device = device
-            status, out = _run(["nbd-client", "-unix", s.socket, device, "-block-size", "4096", "-swap"])
+            status, out = _run(["nbd-client", "-unix", s.socket, device, "-block-size", str(PAGE_SIZE), "-swap"])
             if status != 0:
                 raise AttachmentError(f"nbd-client -unix {s.socket} {device} failed: {out}")
             s.device = device
