@@ -11,7 +11,8 @@ Depends: root, nbdkit + plugin/postcopy.py (or a stand-in plugin, see `standin`)
 the `run_dir` fixture (short paths for the Unix sockets) and, in the caller, the `swap_lock` fixture.
 
 On exit it runs `setup-swap.sh detach NAME --no-complete`; then, whatever happened, it checks and
-force-cleans by itself: swapoff if the device is still in /proc/swaps, losetup -d, fusermount3 -u, and
+force-cleans by itself: swapoff if the device is still in /proc/swaps, losetup -d (or nbd-client -d),
+fusermount3 -u, and
 it ends the supervisor, nbdkit and nbdfuse by PID. A detach that failed, or left something for the
 force-clean, fails the test (unless the body already raised).
 """
@@ -125,6 +126,9 @@ def force_clean(swap: AttachedSwap) -> list[str]:
         leftovers.append(f"swap {swap.device}")
         subprocess.run(["swapoff", swap.device], check=False)
     disk = str(swap.fuse_dir / "disk") if swap.fuse_dir else None
+    if swap.device.startswith("/dev/nbd") and Path(f"/sys/block/{Path(swap.device).name}/pid").exists():
+        leftovers.append(f"nbd {swap.device}")
+        subprocess.run(["nbd-client", "-d", swap.device], check=False, capture_output=True)
     if disk and loop_backing_file(swap.device) == disk:
         leftovers.append(f"loop {swap.device}")
         subprocess.run(["losetup", "-d", swap.device], check=False)

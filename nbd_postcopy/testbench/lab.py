@@ -8,7 +8,7 @@ controller on cgroup v2, no netem). Debian 12's generic kernel (the package behi
 `linux-image-amd64`, unpacked, never installed) has all three, so the lab boots it with a small
 busybox initramfs that loads the virtio and 9p modules, mounts this machine's `/` read-only over 9p,
 puts fresh tmpfs on /tmp, /run, /var/tmp and /dev/shm, mounts /dev, /proc, /sys and cgroup2 (alone, at
-/sys/fs/cgroup), loads the modules the tests need (nbd, sch_netem, veth, loop, fuse) and
+/sys/fs/cgroup, with the memory controller enabled for the root's children, as systemd does), loads the modules the tests need (nbd, sch_netem, veth, loop, fuse) and
 `switch_root`s into it. The command then runs as root with the host's PATH, in the caller's working
 directory (the checkout is at the same path), with stdin from /dev/null.
 
@@ -49,7 +49,7 @@ KERNEL_METAPACKAGE = "linux-image-amd64"
 # Loaded in the initramfs, with their dependencies first: the root filesystem, then what tests use.
 ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 LAB_MODULES = ("nbd", "sch_netem", "veth", "loop", "fuse")
-LAB_FORMAT = 1  # bump when the initramfs layout changes
+LAB_FORMAT = 2  # bump when the initramfs layout changes
 ENV_MARKER = "NBD_POSTCOPY_LAB"  # set to 1 for the command: tests use it to know they run in the lab
 NINEP = "trans=virtio,version=9p2000.L,msize=512000"
 
@@ -71,15 +71,30 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t proc proc /newroot/proc || fail "proc"
 mount -t sysfs sysfs /newroot/sys || fail "sysfs"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || fail "cgroup2"
+echo +memory > /newroot/sys/fs/cgroup/cgroup.subtree_control || fail "enabling the memory controller"
 i=0
 while read -r path; do
     mkdir -p "/newroot$path"
     mount -t 9p -o {NINEP},cache=none "share$i" "/newroot$path" || fail "mounting share $path"
     i=$((i + 1))
 done < /lab/shares
+ip link set lo up || fail "loopback"
 cp /lab/run.sh /newroot/run/lab/run.sh
+mkdir -p /newroot/run/lab/bin && cp /lab/modprobe /newroot/run/lab/bin/modprobe
 cd /newroot
 exec switch_root /newroot /bin/sh /run/lab/run.sh
+"""
+
+
+# This machine's userland has no kmod; the lab loads its modules at boot, so its modprobe only checks.
+MODPROBE_SCRIPT = """#!/bin/sh
+# The kernel lab's modprobe: every module the lab offers is loaded at boot (nbd_postcopy/testbench/lab.py).
+for arg; do
+    case $arg in
+    -*) ;;
+    *) [ -d "/sys/module/$arg" ] || { echo "modprobe: module $arg is not loaded in the lab" >&2; exit 1; } ;;
+    esac
+done
 """
 
 
@@ -216,7 +231,8 @@ def _initramfs(cache: Path, kernel_dir: Path) -> Path:
     modules = kernel_dir / "modules"
     order = (modules / "order").read_text().split()
     digest = hashlib.sha256()
-    for part in (str(LAB_FORMAT).encode(), kernel_dir.name.encode(), INIT_SCRIPT.encode(), busybox):
+    for part in (str(LAB_FORMAT).encode(), kernel_dir.name.encode(), INIT_SCRIPT.encode(), MODPROBE_SCRIPT.encode(),
+                 busybox):
         digest.update(hashlib.sha256(part).digest())
     target = cache / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
     if target.exists():
@@ -227,6 +243,7 @@ def _initramfs(cache: Path, kernel_dir: Path) -> Path:
     archive.add("dev/console", stat.S_IFCHR | 0o600, device=(5, 1))
     archive.add("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode())
     archive.add("bin/busybox", stat.S_IFREG | 0o755, busybox)
+    archive.add("lab/modprobe", stat.S_IFREG | 0o755, MODPROBE_SCRIPT.encode())
     for name in order:
         archive.add(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, (modules / f"{name}.ko").read_bytes())
     archive.add("lib/modules/order", stat.S_IFREG | 0o644, "\n".join(order).encode() + b"\n")
@@ -266,8 +283,9 @@ def _run_initramfs(image: LabImage, script: str, shares: Sequence[Path], path: P
 
 def default_env() -> dict[str, str]:
     """What the command's environment starts from: the host's PATH (and PYTHONPATH, if set)."""
+    path = os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env = {
-        "PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PATH": f"{path}:/run/lab/bin",  # last: the lab's modprobe stands in only where there is none
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
