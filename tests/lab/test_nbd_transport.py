@@ -18,7 +18,7 @@ from tests.workload import Workload
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.root]
 
-MIB = 32
+MIB = 16
 
 
 def swapped_pages(work: Workload) -> int:
