@@ -35,7 +35,7 @@ HOST_IF, SOURCE_IF = "nbdpc-h", "nbdpc-s"
 HOST_ADDR, SOURCE_ADDR = "10.231.0.1", "10.231.0.2"  # only inside the lab guest, which has no network card
 PORT = 10809
 STRIDE = 32  # pages between two measured faults: more than the swap readahead window (8 pages)
-WARMUP = 2  # faults after each RTT change that are not counted
+WARMUP = 1  # faults after each RTT change that are not counted
 
 
 def _ip(*args: str) -> None:
@@ -111,16 +111,21 @@ def time_faults(pid: int, address: int, pages: Sequence[int], image: bytes) -> l
 
 
 def measure_fault_latency(run_dir: Path, processes, codec: MarkerCodec, key_file: Path, rtts_ms: Sequence[float],
-                          faults: int = 20, mib: int = 16) -> dict[float, list[float]]:
-    """Fault latencies (seconds) at each added RTT (ms), `faults` per RTT after WARMUP ones."""
+                          faults: int = 20, mib: int = 16, rounds: int = 3) -> dict[float, list[float]]:
+    """Fault latencies (seconds) at each added RTT (ms), `faults` per RTT in all.
+
+    The RTTs take turns in `rounds` rounds (order rotating), each after WARMUP uncounted faults, so that a
+    change of load on the (shared, emulated) CPU hits every RTT alike.
+    """
     pages = mib << 20 >> 12
-    needed = len(rtts_ms) * (faults + WARMUP)
+    per_round = -(-faults // rounds)
+    needed = len(rtts_ms) * rounds * (per_round + WARMUP)
     if needed > pages // STRIDE:
         raise ValueError(f"{mib} MiB holds {pages // STRIDE} pages {STRIDE} apart; {needed} faults need more")
     image_path = run_dir / "ram.img"
     servers.write_image(image_path, mib << 20)
     image = image_path.read_bytes()
-    results: dict[float, list[float]] = {}
+    results: dict[float, list[float]] = {rtt: [] for rtt in rtts_ms}
     with source_namespace(), page_server(processes, image_path, run_dir / "source.log") as uri:
         keys = {"source": uri, "size": mib << 20, "key": key_file, "prefetch": "off"}
         with attached_postcopy_swap(run_dir, keys, attach_args=("--transport", "nbd")) as swap:
@@ -130,10 +135,13 @@ def measure_fault_latency(run_dir: Path, processes, codec: MarkerCodec, key_file
             request(str(swap.control), "arm")
             targets = iter(range(0, pages, STRIDE))
             try:
-                for rtt in rtts_ms:
-                    set_added_rtt(rtt)
-                    time_faults(work.pid, work.address, [next(targets) for _ in range(WARMUP)], image)
-                    results[rtt] = time_faults(work.pid, work.address, [next(targets) for _ in range(faults)], image)
+                for round_ in range(rounds):
+                    for rtt in rtts_ms[round_ % len(rtts_ms):] + rtts_ms[:round_ % len(rtts_ms)]:
+                        set_added_rtt(rtt)
+                        count = min(per_round, faults - len(results[rtt]))
+                        time_faults(work.pid, work.address, [next(targets) for _ in range(WARMUP)], image)
+                        results[rtt] += time_faults(work.pid, work.address, [next(targets) for _ in range(count)],
+                                                    image)
             finally:
                 set_added_rtt(0)
                 work.proc.kill()  # its swap slots are freed: swapoff has nothing left to fetch
