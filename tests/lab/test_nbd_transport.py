@@ -30,7 +30,7 @@ def test_nbd_transport_stage_arm_fault_complete_detach(swap_lock, processes, run
     image = run_dir / "ram.img"
     servers.write_image(image, MIB << 20)
     (run_dir / "key").write_bytes(os.urandom(32))
-    with servers.serve("nbd-postcopy", run_dir, image=image) as source:
+    with servers.serve("nbd-postcopy", run_dir, image=image, timeout=120) as source:  # TCG: a slow start
         keys = {"source": source.uri("tcp"), "size": MIB << 20, "key": run_dir / "key"}
         with attached_postcopy_swap(run_dir, keys, attach_args=("--transport", "nbd")) as swap:
             assert swap.device.startswith("/dev/nbd"), swap.attach_output
