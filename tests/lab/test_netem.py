@@ -1,7 +1,8 @@
 """A demand fault costs about one round trip to the source plus a constant: netem adds 0, 0.5, 2 and 10 ms of
 round-trip time between the device and the page server (two network namespaces, a veth pair), and the
 median fault latency through the plugin rises by about that much. The measurement is benchmarks/bench_rtt.py's
-(tests/lab/rtt.py), run here with few faults; its table is checked loosely, on the 25th percentiles."""
+(tests/lab/rtt.py), run here with few faults; its table is checked loosely, on the fastest
+fault per RTT."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.rtt import fit_line
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.root]
 
@@ -26,15 +26,16 @@ def test_a_demand_fault_costs_about_one_round_trip_plus_a_constant(swap_lock, ru
          "--mib", "16", "--results-dir", run_dir], capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stdout + bench.stderr
     with open(run_dir / "rtt.csv") as table:
-        rows = list(csv.DictReader(table))
-    # The 25th percentile: a busy host CPU (TCG, other test runs) only ever adds time to a fault.
-    low = {float(row["added RTT ms"]): float(row["p25 ms"]) for row in rows}
-    assert sorted(low) == RTTS_MS
+        rows = {float(row["added RTT ms"]): row for row in csv.DictReader(table)}
+    assert sorted(rows) == RTTS_MS
     assert "least-squares fit of the medians" in (run_dir / "rtt.md").read_text()
+    fastest = {rtt: float(row["min ms"]) for rtt, row in rows.items()}
+    shape = "fastest fault ms by added RTT ms: " + ", ".join(f"{rtt}: {ms:.1f}" for rtt, ms in fastest.items())
 
-    slope, constant = fit_line(list(low.items()))
-    shape = f"p25 fault ms by added RTT ms: {low}; fit: {slope:.2f} x RTT + {constant:.2f} ms"
-    # Loose on purpose (TCG, a shared CPU): one round trip per fault, not zero and not several.
-    assert 0.5 < slope < 2.0, shape
-    assert constant > 0, shape
-    assert low[10] - low[0] > 5 and low[10] - low[2] > 4, shape
+    # A busy host CPU (TCG, other test runs) only ever adds time to a fault, and adds a lot (tens of ms),
+    # so the medians can hide a 10 ms step; the fastest fault of each RTT is what noise cannot lower.
+    # Every measured fault paid at least one round trip...
+    assert fastest[10] >= 10 and fastest[2] >= 2, shape
+    # ...and about one: 10 ms more RTT makes the fastest fault about 10 ms slower, not 20 (noise in the
+    # constant is a few ms each way).
+    assert 5 < fastest[10] - fastest[0] < 20, shape
