@@ -17,7 +17,7 @@ that also carry its exit status) and `shares`, host directories the caller owns,
 the same path in the guest. Nothing else the guest writes reaches the host.
 
 The kernel's modules and the initramfs are cached in /var/cache/nbd-postcopy/lab (`prepare_lab()`);
-the first run downloads the kernel package (about 70 MB). A boot takes about 4 s under TCG.
+the first run downloads the kernel package (about 70 MB). A boot takes 5 to 15 s under TCG (by load).
 QEMU always runs with `-accel tcg` (KVM hangs on this machine kind) and is stopped by PID when the
 command ends, on timeout and on any exception (KeyboardInterrupt included).
 """

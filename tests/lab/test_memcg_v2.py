@@ -30,7 +30,7 @@ def nbd_swap(swap_lock, run_dir):
 
 
 @pytest.fixture
-def cgroup(request):
+def cgroup():
     """Make cgroups below the cgroup2 root by name; moves their tasks to the root and removes them after."""
     made: list[Path] = []
 
