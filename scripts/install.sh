@@ -16,6 +16,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev
     prometheus
     python3-venv python3-construct python3-prometheus-client python3-pyroute2 python3-pytest python3-yaml
+    python3-matplotlib
 )
 
 say() { printf 'install: %s\n' "$*" >&2; }

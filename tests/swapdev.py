@@ -12,7 +12,8 @@ the `run_dir` fixture (short paths for the Unix sockets) and, in the caller, the
 
 It attaches in-process (nbd_postcopy.host.attachment, the code behind scripts/setup-swap.sh). On exit
 it detaches with no completion (`detach NAME --no-complete`); then, whatever happened, it checks and
-force-cleans by itself: swapoff if the device is still in /proc/swaps, losetup -d, fusermount3 -u, and
+force-cleans by itself: swapoff if the device is still in /proc/swaps, losetup -d (or nbd-client -d),
+fusermount3 -u, and
 it ends the supervisor, nbdkit and nbdfuse by PID. A detach that failed, or left something for the
 force-clean, fails the test (unless the body already raised).
 """
@@ -133,6 +134,9 @@ def force_clean(swap: AttachedSwap) -> list[str]:
         leftovers.append(f"swap {swap.device}")
         subprocess.run(["swapoff", swap.device], check=False)
     disk = str(swap.fuse_dir / "disk") if swap.fuse_dir else None
+    if swap.device.startswith("/dev/nbd") and Path(f"/sys/block/{Path(swap.device).name}/pid").exists():
+        leftovers.append(f"nbd {swap.device}")
+        subprocess.run(["nbd-client", "-d", swap.device], check=False, capture_output=True)
     if disk and loop_backing_file(swap.device) == disk:
         leftovers.append(f"loop {swap.device}")
         subprocess.run(["losetup", "-d", swap.device], check=False)
@@ -169,6 +173,7 @@ def attached_postcopy_swap(
     *,
     standin: str | None = None,
     discard: bool = True,
+    transport: str = "auto",
     env: Mapping[str, str] | None = None,
 ) -> Iterator[AttachedSwap]:
     """Attach the postcopy device with `plugin_keys` (e.g. source=, pages=, key=) and yield it.
@@ -186,7 +191,8 @@ def attached_postcopy_swap(
     keys = [f"{key}={value}" for key, value in plugin_keys.items()]
     report = CollectingReporter("setup-swap.sh")
     try:
-        attachment.attach(AttachOptions(keys, name=name, priority=priority, state_dir=state_dir, discard=discard),
+        attachment.attach(AttachOptions(keys, name=name, priority=priority, state_dir=state_dir, discard=discard,
+                                        transport=transport),
                           settings, report)
     except attachment.AttachmentError as exc:
         raise AttachError(f"attach failed: {exc}\n{report.text}") from exc

@@ -3,9 +3,9 @@
 Why (docs/DESIGN.md, "Dedicated memcg before the markers"): reclaiming a memcg drops the clean
 swap-cache pages charged to it, which makes every later touch a real swap-in. Charges do not move with
 a task here, so the target must be moved into the memcg BEFORE its pages are written.
-Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`)
-and, where the memory controller is on cgroup v2, `memory.reclaim` (not tested on this machine, which
-has the memory controller on v1).
+Supports cgroup v1 (`/sys/fs/cgroup/memory`, `memory.force_empty`) and, where the memory controller is on
+cgroup v2, `memory.reclaim` (this machine has the memory controller on v1; tests/lab/test_memcg_v2.py
+runs the v2 path on Debian 12's kernel in the kernel lab).
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ class Memcg:
         return self.stat().get("swapcached", 0)
 
     def writeback_bytes(self) -> int:
-        return self.stat().get("writeback", 0)
+        """Bytes under writeback (swap writeback included): v1 calls it writeback, v2 file_writeback."""
+        return self.stat().get("writeback" if self.version == 1 else "file_writeback", 0)
 
     def purge(self) -> None:
         """Reclaim everything charged to the memcg that can be reclaimed (clean swap cache included).

@@ -12,6 +12,7 @@ guest page from the host).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -21,6 +22,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -69,41 +71,53 @@ def _kernel(cache: Path) -> Path:
     cached = sorted((cache / "kernel").glob("*/vmlinuz-*"))
     if cached:
         return cached[-1]
-    package = _versioned_kernel_package()
+    package = versioned_kernel_package(KERNEL_METAPACKAGE)
     kernel_dir = cache / "kernel" / package
-    with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as tmp:
-        deb = _download(package, Path(tmp))
-        unpacked = Path(tmp) / "root"
-        _run(["dpkg", "-x", str(deb), str(unpacked)], f"unpacking {deb.name}")
+    with unpacked_package(package, cache) as unpacked:
         found = sorted((unpacked / "boot").glob("vmlinuz-*"))
         if not found:
-            raise GuestBuildError(f"{deb.name} holds no boot/vmlinuz-*")
+            raise GuestBuildError(f"{package} holds no boot/vmlinuz-*")
         kernel_dir.mkdir(parents=True, exist_ok=True)
         target = kernel_dir / found[-1].name
         os.replace(found[-1], target)  # same filesystem: the temp dir is inside the cache
     return target
 
 
-def _versioned_kernel_package() -> str:
-    """The concrete package `linux-image-cloud-amd64` depends on, e.g. linux-image-6.1.0-56-cloud-amd64."""
-    out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE], f"asking apt-cache about {KERNEL_METAPACKAGE}")
+def versioned_kernel_package(metapackage: str) -> str:
+    """The concrete package a kernel metapackage depends on, e.g. linux-image-6.1.0-56-cloud-amd64."""
+    out = run(["apt-cache", "depends", metapackage], f"asking apt-cache about {metapackage}")
     match = re.search(r"^\s*Depends:\s*(linux-image-\S+)", out, re.MULTILINE)
     if not match:
         raise GuestBuildError(
-            f"apt-cache depends {KERNEL_METAPACKAGE} names no linux-image-* package "
+            f"apt-cache depends {metapackage} names no linux-image-* package "
             f"(is this Debian with its package lists? try 'apt-get update'):\n{out.strip()}"
         )
     return match.group(1)
+
+
+def _versioned_kernel_package() -> str:
+    return versioned_kernel_package(KERNEL_METAPACKAGE)
+
+
+@contextlib.contextmanager
+def unpacked_package(package: str, cache: Path) -> Iterator[Path]:
+    """Download `package` with apt-get and unpack it (dpkg -x) into a temporary directory inside
+    `cache` (so files can be moved out of it with os.replace); yields the unpacked root."""
+    with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as tmp:
+        deb = _download(package, Path(tmp))
+        unpacked = Path(tmp) / "root"
+        run(["dpkg", "-x", str(deb), str(unpacked)], f"unpacking {deb.name}")
+        yield unpacked
 
 
 def _download(package: str, into: Path) -> Path:
     # _apt cannot write into a private temp dir: let apt download as root instead of warning.
     argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package]
     try:
-        _run(argv, f"downloading {package}", cwd=into)
+        run(argv, f"downloading {package}", cwd=into)
     except GuestBuildError:
-        _run(["apt-get", "update", "-q"], "refreshing the package lists (apt-get update)")
-        _run(argv, f"downloading {package} (after apt-get update)", cwd=into)
+        run(["apt-get", "update", "-q"], "refreshing the package lists (apt-get update)")
+        run(argv, f"downloading {package} (after apt-get update)", cwd=into)
     debs = list(into.glob(f"{package}_*.deb"))
     if len(debs) != 1:
         raise GuestBuildError(f"apt-get download {package} left {len(debs)} .deb files in {into}")
@@ -122,7 +136,7 @@ def build_memcheck(output: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="memcheck-") as tmp:
         source = Path(tmp) / "memcheck.c"
         source.write_bytes(memcheck_source())
-        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(output), str(source)], "compiling memcheck.c")
+        run(["gcc", "-static", "-O2", "-Wall", "-o", str(output), str(source)], "compiling memcheck.c")
     return output
 
 
@@ -138,21 +152,26 @@ def _initramfs(cache: Path) -> Path:
         return target
     with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as tmp:
         memcheck = build_memcheck(Path(tmp) / "memcheck").read_bytes()
-        archive = _Newc()
+        archive = Newc()
         for directory in ("bin", "dev", "proc", "sys", "tmp"):
             archive.add(directory, stat.S_IFDIR | 0o755)
         archive.add("dev/console", stat.S_IFCHR | 0o600, device=(5, 1))
         archive.add("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode())
         archive.add("bin/busybox", stat.S_IFREG | 0o755, busybox)
         archive.add("bin/memcheck", stat.S_IFREG | 0o755, memcheck)
-        part = Path(tmp) / "initramfs.part"
-        with open(part, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            gz.write(archive.finish())
-        os.replace(part, target)
+        write_gzipped(archive, target)
     return target
 
 
-class _Newc:
+def write_gzipped(archive: Newc, target: Path) -> None:
+    """Write the finished archive gzipped to `target`, atomically (a partial file never has its name)."""
+    part = target.with_name(target.name + ".part")
+    with open(part, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write(archive.finish())
+    os.replace(part, target)
+
+
+class Newc:
     """A minimal writer of the "newc" cpio format the kernel unpacks into its initial rootfs."""
 
     def __init__(self) -> None:
@@ -180,7 +199,8 @@ class _Newc:
         self._out.write(b"\0" * (-self._out.tell() % 4))
 
 
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+def run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+    """Run a build step; its failure becomes a GuestBuildError that quotes the tool's stderr."""
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,11 +38,15 @@ RamBackend = Literal["file", "memfd", "ram"]
 
 
 class Console:
-    """Reads a QEMU serial console from a pipe, logs it to a file, and keeps memcheck's events."""
+    """Reads a QEMU serial console from a pipe, logs it to a file, and keeps memcheck's events.
 
-    def __init__(self, stream, log_path: Path, name: str):
+    `on_line`, if given, is called with every line (without its line ending) as it arrives.
+    """
+
+    def __init__(self, stream, log_path: Path, name: str, on_line: Callable[[str], None] | None = None):
         self.log_path = log_path
         self._stream = stream
+        self._on_line = on_line
         self._events: list[ConsoleEvent] = []
         self._tail: list[str] = []
         self._changed = threading.Condition()
@@ -55,6 +60,8 @@ class Console:
                 log_file.write(raw)
                 log_file.flush()
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if self._on_line is not None:
+                    self._on_line(line)
                 event = parse_console_line(line, now)
                 with self._changed:
                     self._tail = (self._tail + [line])[-40:]
