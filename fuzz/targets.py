@@ -127,26 +127,36 @@ EXPORTS = {
 
 # --- nbd_server ------------------------------------------------------------------------------------
 class _Requests:
-    """The client's requests, parsed independently of the core from the transmission-phase stream."""
+    """The client's requests, parsed independently of the core from the transmission-phase stream.
+
+    Each is [handle, command, offset, length, flags, answered, by_app, bytes covered]: by_app marks the
+    requests the core handed to the application as events (the application answers those; the core
+    answers the rest itself, at once)."""
 
     def __init__(self, stream: bytearray, start: int):
         self.stream = stream
         self.pos = start
-        self.seen: list[list] = []  # [handle, command, offset, length, flags, answered]
+        self.seen: list[list] = []
 
     def parse_up_to(self, end: int) -> None:
         while end - self.pos >= REQUEST.size:
             magic, flags, command, handle, offset, length = REQUEST.unpack_from(self.stream, self.pos)
             if magic != wire.REQUEST_MAGIC:
-                self.pos = len(self.stream) + 1 << 40  # the core gives up here: nothing after counts
+                self.pos = 1 << 40  # the core gives up here: nothing after counts
                 return
-            self.seen.append([handle, command, offset, length, flags, False])
+            self.seen.append([handle, command, offset, length, flags, False, False, 0])
             self.pos += REQUEST.size + (length if command == Command.WRITE else 0)
 
-    def answer(self, handle: int, latest: bool, commands=None) -> list:
-        order = reversed(self.seen) if latest else self.seen
-        for request in order:
-            if request[0] == handle and not request[5] and (commands is None or request[1] in commands):
+    def handed_out(self, handle: int) -> None:
+        """The core just returned the last request parsed as an event."""
+        check(bool(self.seen) and self.seen[-1][0] == handle and not self.seen[-1][6],
+              f"a request event for handle {handle:#x} that is not the request just received")
+        self.seen[-1][6] = True
+
+    def answer(self, handle: int, by_app: bool, commands=None) -> list:
+        for request in self.seen:
+            if request[0] == handle and not request[5] and request[6] == by_app and (
+                    commands is None or request[1] in commands):
                 request[5] = True
                 return request
         raise Finding(f"a reply for handle {handle:#x}, which no unanswered request carries")
@@ -211,9 +221,9 @@ def _check_replies(out: bytes, requests: _Requests, structured: bool, from_core:
             pos += 16
             if error:
                 check(error in {int(e) for e in wire.Errno}, f"unknown errno {error}")
-                requests.answer(handle, from_core)
+                requests.answer(handle, not from_core)
                 continue
-            request = requests.answer(handle, from_core, (Command.READ, Command.CACHE, Command.FLUSH))
+            request = requests.answer(handle, not from_core, (Command.READ, Command.CACHE, Command.FLUSH))
             if request[1] == Command.READ:
                 check(not structured, "a simple READ reply after structured replies were agreed")
                 check(len(out) - pos >= request[3], "a simple READ reply without all its data")
@@ -229,8 +239,7 @@ def _check_replies(out: bytes, requests: _Requests, structured: bool, from_core:
         check(flags & ~1 == 0, f"unknown chunk flags {flags:#x}")
         request = open_chunks.get(handle)
         if request is None:
-            request = requests.answer(handle, from_core)
-            request.append(0)  # bytes of the READ covered so far
+            request = requests.answer(handle, not from_core)
             open_chunks[handle] = request
         if kind in (ChunkType.OFFSET_DATA, ChunkType.OFFSET_HOLE):
             check(request[1] == Command.READ, "a data chunk for a request that is not a READ")
@@ -242,7 +251,7 @@ def _check_replies(out: bytes, requests: _Requests, structured: bool, from_core:
                 start, size = struct.unpack_from(">QI", payload)
             check(request[2] <= start and start + size <= request[2] + request[3] and size,
                   "a chunk outside its READ")
-            request[6] += size
+            request[7] += size
         elif kind == ChunkType.BLOCK_STATUS:
             check(request[1] == Command.BLOCK_STATUS and length >= 12 and (length - 4) % 8 == 0, "bad BLOCK_STATUS chunk")
             words = struct.unpack_from(f">{(length - 4) // 4}I", payload, 4)
@@ -259,7 +268,7 @@ def _check_replies(out: bytes, requests: _Requests, structured: bool, from_core:
         if flags & 1:
             del open_chunks[handle]
             if request[1] == Command.READ and kind != ChunkType.ERROR:
-                check(request[6] == request[3], f"READ reply covers {request[6]} of {request[3]} bytes")
+                check(request[7] == request[3], f"READ reply covers {request[7]} of {request[3]} bytes")
     check(not open_chunks, "a structured reply without its DONE chunk")
 
 
@@ -302,6 +311,7 @@ def nbd_server(data: bytes) -> None:
                     handle, offset, length = taken
                     stream += piece[pos : pos + REQUEST.size]
                     requests.parse_up_to(len(stream))
+                    requests.handed_out(handle)
                     pos += REQUEST.size
                     reply = b"".join(bytes(p) for p in core.plain_read_reply(handle, offset, IMAGE[offset : offset + length]))
                     _check_replies(reply, requests, core.structured_replies, from_core=False)
@@ -314,6 +324,8 @@ def nbd_server(data: bytes) -> None:
                 out = core.data_to_send()
                 if requests is not None:
                     requests.parse_up_to(len(stream) - len(core._buf))
+                    if isinstance(event, (ReadRequest, CacheRequest, BlockStatusRequest)):
+                        requests.handed_out(event.handle)
                 if was_transmission:
                     _check_replies(out, requests, core.structured_replies, from_core=True)
                 else:
@@ -588,8 +600,6 @@ def control(data: bytes) -> None:
     connection.server = server
     connection.rfile = io.BufferedReader(io.BytesIO(data))
     connection.wfile = io.BytesIO()
-    if hasattr(connection, "setup_limits"):
-        connection.setup_limits()
     connection.handle()
     lines = connection.wfile.getvalue().split(b"\n")
     check(lines[-1] == b"", "an answer that does not end with a newline")
