@@ -19,6 +19,7 @@ from nbd_postcopy.nbd.protocol import (
     CacheReply,
     CacheRequest,
     ClientConnection,
+    ErrorReply,
     ReadReply,
     ReadRequest,
     Ready,
@@ -28,27 +29,31 @@ from nbd_postcopy.nbd.protocol import (
 )
 from nbd_postcopy.nbd.wire import REQUEST, Command, Info, Option
 
-from fuzz.targets import _KEY, EXPORTS, IMAGE, PAGE
+from fuzz.targets import _DEVICE_PAGES, EXPORTS, FRAMED, IMAGE, PAGE, frame, issue_requests
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
-def exchange(structured: bool, tls: bool, identify: bool, meta: bool) -> tuple[bytes, bytes]:
-    """(client bytes, server bytes) of a whole session: handshake, a few requests, disconnect."""
+def exchange(structured: bool, tls: bool, identify: bool, meta: bool, fail: bool = False
+             ) -> tuple[list[bytes], list[bytes]]:
+    """(client pieces, server pieces) of a whole session: handshake, a few requests, disconnect; each
+    piece is what one side had to send at one time."""
     client = ClientConnection("disk", structured_replies=structured, tls=tls, identify=identify,
                               meta_contexts=("base:allocation",) if meta else ())
     server = ServerConnection(EXPORTS, tls="allow" if tls else "none")
-    to_server, to_client = bytearray(), bytearray()
+    to_server, to_client = [], []
     outstanding = 0
     for _ in range(200):
         out = client.data_to_send()
-        to_server += out
-        if out:  # (b"" would mean EOF)
+        if out:
+            to_server.append(out)  # (b"" would mean EOF)
             server.receive_data(out)
         replies = bytearray()
         while (event := server.next_event()) is not NEED_DATA:
             if isinstance(event, StartTLS):
                 server.send(TLSEstablished())
+            elif fail and getattr(event, "handle", 1) % 2 == 0:
+                replies += server.send(ErrorReply(event.handle, wire.Errno.EIO, "failed" if structured else ""))
             elif isinstance(event, ReadRequest):
                 replies += server.send(ReadReply(event.handle, IMAGE[event.offset : event.offset + event.length]))
             elif isinstance(event, CacheRequest):
@@ -56,32 +61,22 @@ def exchange(structured: bool, tls: bool, identify: bool, meta: bool) -> tuple[b
             elif isinstance(event, BlockStatusRequest):
                 replies += server.send(BlockStatusReply(event.handle, ((PAGE, 3), (PAGE, 0))))
         out = server.data_to_send() + replies
-        to_client += out
         if out:
+            to_client.append(out)
             client.receive_data(out)
         while (event := client.next_event()) is not NEED_DATA:
             if isinstance(event, StartTLS):
                 client.send(TLSEstablished())
             elif isinstance(event, Ready):
-                for offset, length in ((0, 512), (PAGE, 2 * PAGE), (3 * PAGE, PAGE)):
-                    _, request = client.read(offset, length)
-                    to_server += request
-                    server.receive_data(request)
+                for _, _, _, _, raw in issue_requests(client, event):
+                    to_server.append(raw)
+                    server.receive_data(raw)
                     outstanding += 1
-                if event.base_allocation:
-                    _, request = client.block_status(PAGE, 2 * PAGE)
-                    to_server += request
-                    server.receive_data(request)
-                    outstanding += 1
-                _, request = client.cache(100, 3)
-                to_server += request
-                server.receive_data(request)
-                outstanding += 1
             else:
                 outstanding -= 1
         if client.ready is not None and outstanding == 0:
-            to_server += client.disconnect()
-            return bytes(to_server), bytes(to_client)
+            to_server.append(client.disconnect())
+            return to_server, to_client
     raise RuntimeError("the exchange did not finish")
 
 
@@ -93,40 +88,61 @@ def request(command: int, handle: int, offset: int, length: int, flags: int = 0)
     return REQUEST.pack(wire.REQUEST_MAGIC, flags, command, handle, offset, length)
 
 
-def handmade_client_streams() -> list[tuple[int, bytes]]:
-    """(config byte, client stream) for what our client does not send."""
+def handmade_client_streams() -> list[tuple[int, list[bytes]]]:
+    """(config byte, client pieces) for what our client does not send."""
     go = wire.InfoRequest.build(dict(name="disk", requests=[Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE]))
     meta = wire.MetaContextRequest.build(dict(name="disk", queries=["base:allocation", "x-nbd-postcopy:"]))
-    transmission = (request(Command.READ, 1, 0, PAGE) + request(Command.WRITE, 2, 0, 8) + b"8 bytes!"
-                    + request(Command.TRIM, 3, 0, PAGE) + request(Command.FLUSH, 4, 0, 0)
-                    + request(Command.BLOCK_STATUS, 5, 0, 2 * PAGE, wire.CommandFlag.REQ_ONE)
-                    + request(Command.READ, 6, 0, 0) + request(Command.READ, 7, 1 << 40, 512)
-                    + request(99, 8, 0, 1) + request(Command.CACHE, 9, 0, 3 * PAGE)
-                    + request(Command.READ, 10, 2 * PAGE, 2 * PAGE) + request(Command.DISC, 0, 0, 0))
+    transmission = [request(Command.READ, 1, 0, PAGE) + request(Command.READ, 11, PAGE, 3 * PAGE),
+                    request(Command.WRITE, 2, 0, 8) + b"8 bytes!", request(Command.TRIM, 3, 0, PAGE),
+                    request(Command.FLUSH, 4, 0, 0), request(Command.BLOCK_STATUS, 5, 0, 2 * PAGE, wire.CommandFlag.REQ_ONE),
+                    request(Command.READ, 6, 0, 0) + request(Command.READ, 7, 1 << 40, 512),
+                    request(99, 8, 0, 1) + request(Command.CACHE, 9, 0, 3 * PAGE),
+                    request(Command.READ, 10, 2 * PAGE, 2 * PAGE, wire.CommandFlag.FUA), request(Command.DISC, 0, 0, 0)]
     fixed = struct.pack(">I", 1)
     no_zeroes = struct.pack(">I", 3)
     return [
-        (0, no_zeroes + option(Option.LIST) + option(Option.INFO, go) + option(Option.EXPORT_NAME, b"disk") + transmission),
-        (4, fixed + option(Option.EXPORT_NAME, b"") + transmission),
-        (0, no_zeroes + option(Option.STRUCTURED_REPLY) + option(Option.LIST_META_CONTEXT, meta)
-         + option(Option.SET_META_CONTEXT, meta) + option(Option.GO, go) + transmission),
-        (1, no_zeroes + option(Option.STARTTLS) + option(Option.STRUCTURED_REPLY) + option(Option.GO, go) + transmission),
-        (2, no_zeroes + option(Option.GO, go) + option(Option.STARTTLS) + option(Option.GO, go) + transmission),
-        (0, no_zeroes + option(Option.PEEK_EXPORT) + option(Option.ABORT)),
-        (0, no_zeroes + option(Option.GO, wire.InfoRequest.build(dict(name="small", requests=[]))) + request(Command.READ, 1, 0, 1000)
-         + request(Command.READ, 2, 0, 5000) + request(Command.WRITE, 3, 0, 1 << 20)),
+        (0, [no_zeroes, option(Option.LIST), option(Option.INFO, go), option(Option.EXPORT_NAME, b"disk"), *transmission]),
+        (4, [fixed + option(Option.EXPORT_NAME, b""), *transmission]),
+        (0, [no_zeroes, option(Option.STRUCTURED_REPLY), option(Option.LIST_META_CONTEXT, meta),
+             option(Option.SET_META_CONTEXT, meta), option(Option.GO, go), *transmission]),
+        (1, [no_zeroes, option(Option.STARTTLS), option(Option.STRUCTURED_REPLY), option(Option.GO, go), *transmission]),
+        (2, [no_zeroes + option(Option.GO, go), option(Option.STARTTLS), option(Option.GO, go), *transmission]),
+        (0, [no_zeroes + option(Option.PEEK_EXPORT) + option(Option.ABORT)]),
+        (0, [no_zeroes + option(Option.GO, wire.InfoRequest.build(dict(name="small", requests=[]))),
+             request(Command.READ, 1, 0, 1000), request(Command.READ, 2, 0, 5000), request(Command.WRITE, 3, 0, 1 << 20)]),
     ]
 
 
+def _pages(op: int, slot: int, *pages: bytes) -> bytes:
+    return bytes([op, slot, len(pages) - 1]) + b"".join(pages)
+
+
+def _range(op: int, slot: int, offset: int, length: int) -> bytes:
+    return bytes([op, slot]) + offset.to_bytes(2, "big") + length.to_bytes(2, "big")
+
+
 def device_scripts() -> list[bytes]:
-    """Operation scripts for the device target (see fuzz.targets.device)."""
+    """Operation scripts for the device target (see fuzz.targets.device for the encoding)."""
+    def marker(guest):
+        return bytes([guest])
+
+    def data(fill):
+        return bytes([0, fill])
+
+    arm, learn = bytes([6, 0]), bytes([7, 0])
+    read_all = _range(5, 0, 0, 4 * PAGE - 1) + _range(5, 4, 0, 4 * PAGE - 1) + _range(5, 8, 0, 4 * PAGE - 1) + _range(5, 12, 0, 4 * PAGE - 1)
+    staged = _pages(0, 1, *map(marker, (3, 4, 5, 9))) + _pages(0, 6, *map(marker, (0, 1, 11)))
     return [
-        bytes([0, 1, 3, 4, 5, 6, 5, 1, 0, 0, 64, 0, 6, 0, 5, 1, 0, 0, 64, 0]),  # map 1..3, read, arm, read
-        bytes([0, 2, 0, 9, 2, 5, 1, 7, 1, 6, 0, 1, 0, 5, 2, 0, 0, 0x10, 0]),  # marker, data over it, forged marker
-        bytes([0, 3, 1, 2, 3, 2, 0, 0x10, 0, 0x30, 0, 0xAB, 1, 4, 5, 3, 0, 0, 0x30, 0]),  # unaligned over a marker
-        bytes([0, 4, 0, 3, 4, 4, 0, 0, 0x20, 0, 5, 3, 0, 0, 0x40, 0, 7, 0, 6, 0, 5, 4, 0, 0, 0x10, 0]),  # trim, zero pages
-        bytes([1, 5, 1, 5, 1, 1, 4, 2, 1, 7, 5, 2, 9, 5, 0, 0, 0x20, 0]),  # foreign, forged, tail data
-        bytes([2, 0, 0, 0x55, 4, 0, 0, 0, 0x10, 0, 5, 0, 0, 0, 0x10, 0]),  # slot 0: written over, then trimmed
+        staged + read_all + arm + read_all,  # stage, read markers, arm, read guest pages
+        staged + learn + arm + learn + read_all,  # zero pages learnt
+        staged + _pages(2, 2, data(0xAB), data(0)) + read_all + arm + _pages(2, 7, data(7)) + read_all,  # data over markers
+        staged + bytes([1, 3, 0, 4, 1, 5, 3]) + bytes([1, 4, 0, 5, 2, 9, 0x33]) + bytes([1, 5, 0, 6, 0]) + bytes([1, 9, 0, 20, 0])
+        + read_all,  # forged header, data after the header, foreign key, guest beyond pages
+        staged + _range(4, 1, 100, 3 * PAGE) + read_all + arm + _range(4, 6, 0, 2 * PAGE) + read_all,  # trims
+        staged + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + bytes([3, 4, 0, 0, 0x10, 0, 0, 1, 9]) + read_all
+        + arm + bytes([3, 6, 0x0F, 0xF0, 0x20, 0, 1, 0]) + read_all,  # unaligned writes, a marker spliced in
+        _pages(2, 0, data(0x55)) + _range(5, 0, 0, 100) + _range(4, 0, 0, PAGE) + _range(5, 0, 0, PAGE),  # slot 0
+        _pages(0, 3, marker(2)) + arm + _pages(0, 3, marker(2)) + _pages(0, 4, marker(_DEVICE_PAGES - 1)) + read_all,  # remap
     ]
 
 
@@ -153,15 +169,21 @@ def main() -> None:
                     server_config = 1 if tls else 0
                     client_config = structured | tls << 1 | identify << 2 | meta << 3
                     for chunk in (0, 7):
-                        server_seeds.append(bytes([server_config, chunk]) + to_server)
-                        client_seeds.append(bytes([client_config, chunk]) + to_client)
-                    client_seeds.append(bytes([client_config | 16, 0]) + to_client)  # without the fast path
-    server_seeds += [bytes([config, 0]) + stream for config, stream in handmade_client_streams()]
+                        server_seeds.append(bytes([server_config, chunk]) + b"".join(to_server))
+                        client_seeds.append(bytes([client_config, chunk]) + b"".join(to_client))
+                    server_seeds.append(bytes([server_config, FRAMED]) + frame(to_server))
+                    client_seeds.append(bytes([client_config, FRAMED]) + frame(to_client))
+                    client_seeds.append(bytes([client_config | 16, FRAMED]) + frame(to_client))  # no fast path
+    for structured in (False, True):
+        to_server, to_client = exchange(structured, False, False, structured, fail=True)
+        client_seeds.append(bytes([structured | structured << 3, FRAMED]) + frame(to_client))
+    for config, pieces in handmade_client_streams():
+        server_seeds.append(bytes([config, 0]) + b"".join(pieces))
+        server_seeds.append(bytes([config, FRAMED]) + frame(pieces))
     write("nbd_server", server_seeds)
     write("nbd_client", client_seeds)
     write("device", device_scripts())
     write("control", control_streams())
-    assert _KEY  # the device seeds assume fuzz.targets' key and geometry
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 
 In all of them only ProtocolError (for the NBD cores) may escape; anything else is a finding. The
 first two input bytes of the NBD targets choose a configuration and how the stream is cut into
-chunks (see Script); the rest is the peer's byte stream. fuzz/make_corpus.py writes valid seeds.
+pieces (see chunks()); the rest is the peer's byte stream. fuzz/make_corpus.py writes valid seeds.
 """
 
 from __future__ import annotations
@@ -93,13 +93,29 @@ class Script:
         return self.pos >= len(self.data)
 
 
-def chunks(stream: bytes, size: int):
-    """The stream in pieces of `size` bytes (0: all at once), then b"" for EOF."""
-    if size == 0:
-        size = len(stream) or 1
-    for i in range(0, len(stream), size):
-        yield stream[i : i + size]
+FRAMED = 0xFF  # the chunking byte that means "the stream is framed: a 2-byte length before each piece"
+
+
+def chunks(script: Script, size: int):
+    """The rest of the script as the pieces the transport delivers, then b"" for EOF: all at once (size
+    0), `size` bytes at a time, or (size FRAMED) as framed by the script itself, so that pieces can
+    follow message boundaries as real reads often do."""
+    if size == FRAMED:
+        while not script.done:
+            piece = script.take(script.int(2))
+            if piece:
+                yield piece
+    else:
+        stream = script.rest()
+        size = size or len(stream) or 1
+        for i in range(0, len(stream), size):
+            yield stream[i : i + size]
     yield b""
+
+
+def frame(pieces) -> bytes:
+    """The framed form of a list of pieces (for seeds)."""
+    return b"".join(len(piece).to_bytes(2, "big") + piece for piece in pieces)
 
 
 # An image with data pages, zero pages and pages whose first word is zero, so reads cover zero_runs().
@@ -304,7 +320,7 @@ def nbd_server(data: bytes) -> None:
             _check_replies(answer(event), requests, core.structured_replies, from_core=False)
 
     try:
-        for piece in chunks(script.rest(), chunk_size):
+        for piece in chunks(script, chunk_size):
             if core.state is State.TRANSMISSION and piece:  # the fast path, as source/server.py uses it
                 pos = 0
                 while (taken := core.take_plain_read(piece, pos)) is not None:
@@ -355,6 +371,20 @@ def nbd_server(data: bytes) -> None:
 
 
 # --- nbd_client ------------------------------------------------------------------------------------
+def issue_requests(core: ClientConnection, ready: Ready, one_extent: bool = False) -> list[tuple]:
+    """The requests the client harness makes once the export is open (make_corpus.py makes the same):
+    [(handle, kind, offset, length, request bytes)]."""
+    made = []
+    for offset, length in ((0, 512), (PAGE, 2 * PAGE), (3 * PAGE, PAGE)):
+        if offset + length <= ready.size and length <= ready.max_block:
+            made.append((*core.read(offset, length), "read", offset, length))
+    if ready.base_allocation and 3 * PAGE <= ready.size:
+        made.append((*core.block_status(PAGE, 2 * PAGE, one_extent), "block_status", PAGE, 2 * PAGE))
+    if 103 <= ready.size:
+        made.append((*core.cache(100, 3), "cache", 100, 3))
+    return [(handle, kind, offset, length, raw) for handle, raw, kind, offset, length in made]
+
+
 def nbd_client(data: bytes) -> None:
     script = Script(data)
     config, chunk_size = script.byte(), script.byte()
@@ -367,17 +397,8 @@ def nbd_client(data: bytes) -> None:
     events = 0
 
     def request_some(ready: Ready) -> None:
-        for i, (offset, length) in enumerate(((0, 512), (PAGE, 2 * PAGE), (100, 3), (0, PAGE))):
-            if offset + length > ready.size or length > ready.max_block:
-                continue
-            handle, _ = core.read(offset, length)
-            made[handle] = ("read", offset, length)
-            if i == 1 and ready.base_allocation:
-                handle, _ = core.block_status(offset, length, one_extent=bool(config & 32))
-                made[handle] = ("block_status", offset, length)
-            if i == 2:
-                handle, _ = core.cache(offset, length)
-                made[handle] = ("cache", offset, length)
+        for handle, kind, offset, length, _ in issue_requests(core, ready, one_extent=bool(config & 32)):
+            made[handle] = (kind, offset, length)
 
     def finish(handle: int, kind: str | None) -> tuple:
         check(handle in made, f"a reply event for handle {handle:#x}, never requested")
@@ -416,7 +437,7 @@ def nbd_client(data: bytes) -> None:
         return False
 
     try:
-        for piece in chunks(script.rest(), chunk_size):
+        for piece in chunks(script, chunk_size):
             if not piece:  # EOF: whatever was held goes to the core first
                 if held:
                     core.receive_data(held)
