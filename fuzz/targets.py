@@ -419,7 +419,8 @@ def nbd_client(data: bytes) -> None:
             if isinstance(event, StartTLS):
                 core.send(TLSEstablished())
             elif isinstance(event, Ready):
-                check(core.state is State.TRANSMISSION and event.min_block <= event.max_block, "bad Ready")
+                check(core.state is State.TRANSMISSION and 1 <= event.min_block <= event.preferred_block <= event.max_block,
+                      f"Ready with block sizes {event.min_block}, {event.preferred_block}, {event.max_block}")
                 request_some(event)
             elif isinstance(event, ReadDone):
                 request = finish(event.handle, "read")
