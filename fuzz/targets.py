@@ -178,8 +178,9 @@ class _Requests:
         raise Finding(f"a reply for handle {handle:#x}, which no unanswered request carries")
 
 
-def _check_option_replies(out: bytes, export_name_reply: bool) -> None:
-    """The server's handshake output: greeting, option replies, and the NBD_OPT_EXPORT_NAME reply."""
+def _check_option_replies(out: bytes, export_name_reply: bool, tls_required: bool) -> None:
+    """The server's handshake output: greeting, option replies, and the NBD_OPT_EXPORT_NAME reply. With
+    TLS required, nothing but errors and the ACKs of STARTTLS and ABORT comes before TLS."""
     check(len(out) >= 18, "handshake output shorter than the greeting")
     magic, opt, flags = struct.unpack_from(">QQH", out)
     check(magic == wire.NBDMAGIC and opt == wire.IHAVEOPT and flags == 3, "bad greeting")
@@ -191,6 +192,10 @@ def _check_option_replies(out: bytes, export_name_reply: bool) -> None:
         check(len(payload) == length, "option reply cut short")
         check(reply in known, f"unknown option reply type {reply:#x}")
         pos += 20 + length
+        if tls_required:
+            check(reply & (1 << 31) or reply == Reply.ACK and option in (Option.STARTTLS, Option.ABORT),
+                  f"option reply {reply:#x} to option {option} before TLS, although TLS is required")
+            tls_required = not (reply == Reply.ACK and option == Option.STARTTLS)
         if reply == Reply.ACK:
             check(not payload, "ACK with a payload")
         elif reply == Reply.SERVER:
@@ -218,6 +223,7 @@ def _check_option_replies(out: bytes, export_name_reply: bool) -> None:
             check(len(payload) <= wire.MAX_STRING, "error message too long")
             payload.decode("utf-8")
     rest = len(out) - pos
+    check(not (rest and tls_required), "an NBD_OPT_EXPORT_NAME reply before TLS, although TLS is required")
     if export_name_reply:
         check(rest in (10, 134), f"NBD_OPT_EXPORT_NAME reply of {rest} bytes")
     else:
@@ -352,6 +358,7 @@ def nbd_server(data: bytes) -> None:
                 if isinstance(event, StartTLS):
                     check(core.send(TLSEstablished()) == b"", "TLSEstablished produced bytes")
                 elif isinstance(event, TransmissionStarted):
+                    check(core.tls_active or tls != "require", "transmission without TLS, although TLS is required")
                     export_name = core.export is event.export and not (handshake.rfind(
                         struct.pack(">QI", wire.OPTION_REPLY_MAGIC, Option.GO)) > 0 and handshake.endswith(
                         struct.pack(">II", Reply.ACK, 0)))
@@ -367,7 +374,7 @@ def nbd_server(data: bytes) -> None:
             flush_answers(final=True)
     except ProtocolError:
         pass
-    _check_option_replies(bytes(handshake), export_name)
+    _check_option_replies(bytes(handshake), export_name, tls == "require")
 
 
 # --- nbd_client ------------------------------------------------------------------------------------
