@@ -142,6 +142,8 @@ def device_scripts() -> list[bytes]:
         staged + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + bytes([3, 4, 0, 0, 0x10, 0, 0, 1, 9]) + read_all
         + arm + bytes([3, 6, 0x0F, 0xF0, 0x20, 0, 1, 0]) + read_all,  # unaligned writes, a marker spliced in
         _pages(2, 0, data(0x55)) + _range(5, 0, 0, 100) + _range(4, 0, 0, PAGE) + _range(5, 0, 0, PAGE),  # slot 0
+        staged + arm + bytes([7, 1]) + read_all + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + read_all + bytes([7, 1])
+        + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + read_all,  # the source down, then up again
         _pages(0, 3, marker(2)) + arm + _pages(0, 3, marker(2)) + _pages(0, 4, marker(_DEVICE_PAGES - 1)) + read_all,  # remap
     ]
 

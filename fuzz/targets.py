@@ -476,22 +476,30 @@ def nbd_client(data: bytes) -> None:
 
 # --- device ------------------------------------------------------------------------------------------
 class _FakeSource:
-    """Guest pages from a fixed image (the device's PageSource interface)."""
+    """Guest pages from a fixed image (the device's PageSource interface); `down` makes it fail."""
 
     size = 0
     connected = True
 
     def __init__(self, image: bytes):
         self.image = image
+        self.down = False
+
+    def _check(self):
+        if self.down:
+            raise ConnectionError("the fake source is down")
 
     def read_many(self, ranges, timeout):
+        self._check()
         return [self.image[offset : offset + length] for offset, length in ranges]
 
     def read_many_into(self, ranges, views, timeout):
+        self._check()
         for view, (offset, length) in zip(views, ranges, strict=True):
             view[:] = self.image[offset : offset + length]
 
     def block_status(self, offset, length, timeout):
+        self._check()
         return [(PAGE, 3 if not any(self.image[o : o + PAGE]) else 0) for o in range(offset, offset + length, PAGE)]
 
 
@@ -515,9 +523,11 @@ _DEVICE_PARTS = None
 
 def device(data: bytes) -> None:
     """Operations: 0 marker write, 1 foreign/forged marker, 2 data write, 3 unaligned write, 4 trim,
-    5 read, 6 arm, 7 learn zero pages. Every read is checked against the model."""
+    5 read, 6 arm, 7 learn zero pages (even slot byte) or take the source down/up (odd). Every read is
+    checked against the model; a read or write may fail only while the source is down, and a failed
+    write changes nothing."""
     global _DEVICE_PARTS
-    from nbd_postcopy.device.device import Device
+    from nbd_postcopy.device.device import Device, DeviceIOError
     from nbd_postcopy.device.markers import HEADER_SIZE
 
     if _DEVICE_PARTS is None:
@@ -583,7 +593,11 @@ def device(data: bytes) -> None:
                 after = bytearray(before)
                 start = offset - slot * PAGE
                 after[start : start + length] = payload
-                dev.write(payload, offset)
+                try:
+                    dev.write(payload, offset)
+                except DeviceIOError:  # a partial page that needed a fetch: nothing may have changed
+                    check(source.down, "a write failed although the source is up")
+                    continue
                 for i in range(len(after) // PAGE):
                     store(slot + i, bytes(after[i * PAGE : (i + 1) * PAGE]))
             elif op == 4:
@@ -595,7 +609,11 @@ def device(data: bytes) -> None:
             elif op == 5:
                 offset = slot * PAGE + script.int(2) % PAGE
                 length = min(script.int(2) % (4 * PAGE), dev.size - offset)
-                got = dev.read(offset, length)
+                try:
+                    got = dev.read(offset, length)
+                except DeviceIOError:
+                    check(source.down, "a read failed although the source is up")
+                    continue
                 want = b"".join(expected(s) for s in range(slot, (offset + length - 1) // PAGE + 1)) if length else b""
                 start = offset - slot * PAGE
                 if got != want[start : start + length]:
@@ -605,7 +623,10 @@ def device(data: bytes) -> None:
             elif op == 6:
                 dev.arm()
             else:
-                dev.learn_zero_pages(source, timeout=1.0)
+                if slot & 1:
+                    source.down = not source.down
+                elif not source.down:
+                    dev.learn_zero_pages(source, timeout=1.0)
             check(0 <= dev.remaining <= dev.mapped <= slots and dev.overlay_pages >= 0, "counters out of range")
         mapped = sum(1 for entry in model if entry and entry[0] == "map")
         overlay = sum(1 for entry in model[1:] if entry and entry[0] == "data")
