@@ -88,7 +88,11 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             if not refuse:
                 self._connections += 1
         if not refuse:
-            super().process_request(request, client_address)  # a thread per connection
+            try:
+                super().process_request(request, client_address)  # a thread per connection
+            except BaseException:  # no thread started (serve_forever reports it and closes the socket)
+                self._connection_ended()
+                raise
             return
         self.ratelog.warning("refused", "control connection refused: %d connections are open", self.max_connections)
         try:
@@ -103,8 +107,11 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._count_lock:
-                self._connections -= 1
+            self._connection_ended()
+
+    def _connection_ended(self) -> None:
+        with self._count_lock:
+            self._connections -= 1
 
     def dispatch(self, command: str) -> dict:
         handler = self.handlers.get(command)
