@@ -2,6 +2,7 @@
 
     python -m fuzz.run TARGET [--seconds N | --runs N]   fuzz, starting from fuzz/corpus/TARGET
     python -m fuzz.run TARGET --replay FILE...           run the target once on each file (no fuzzing)
+    python -m fuzz.run TARGET --replay FILE... --lines   the share of its module's function lines they run
     python -m fuzz.run all --seconds N                   each target in turn
 
 Targets are in fuzz/targets.py. New inputs the fuzzer finds go to a work corpus (default
@@ -61,6 +62,59 @@ def replay(target: str, files: list[str]) -> int:
     return failed
 
 
+def _code_lines(code) -> set[int]:
+    """The lines of the functions in `code` (module and class bodies run at import, before tracing)."""
+    lines = set()
+    if code.co_flags & 3 == 3:  # CO_OPTIMIZED | CO_NEWLOCALS: a function
+        lines = {line for _, _, line in code.co_lines() if line is not None and line != code.co_firstlineno}
+    for const in code.co_consts:
+        if hasattr(const, "co_lines"):
+            lines |= _code_lines(const)
+    return lines
+
+
+def line_coverage(target: str, files: list[str], modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """{module file: (lines run, executable lines)} when the target runs on `files` (stdlib tracing)."""
+    import importlib
+    import logging
+
+    from fuzz.targets import TARGETS
+
+    logging.disable(logging.CRITICAL)
+    paths = {importlib.import_module(m).__file__: m for m in modules}
+    hit: dict[str, set[int]] = {path: set() for path in paths}
+
+    def tracer(frame, event, arg):
+        lines = hit.get(frame.f_code.co_filename)
+        if lines is None:
+            return None
+        lines.add(frame.f_lineno)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for name in files:
+            try:
+                TARGETS[target](Path(name).read_bytes())
+            except Exception:
+                pass
+    finally:
+        sys.settrace(None)
+    result = {}
+    for path, module in paths.items():
+        executable = _code_lines(compile(Path(path).read_text(), path, "exec"))
+        result[module] = (len(hit[path] & executable), len(executable))
+    return result
+
+
+COVERED_MODULES = {
+    "nbd_server": ("nbd_postcopy.nbd.protocol",),
+    "nbd_client": ("nbd_postcopy.nbd.protocol",),
+    "device": ("nbd_postcopy.device.device",),
+    "control": ("nbd_postcopy.device.control",),
+}
+
+
 def fuzz(target: str, seconds: int | None, runs: int | None, work: Path, log: Path | None = None) -> dict:
     """Fuzz one target in a child process; returns {"executions", "coverage", "crashes", "seconds", "status"}."""
     work_dir = work / target
@@ -106,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=WORK, help=f"work corpus directory (default {WORK})")
     parser.add_argument("--log", type=Path, help="keep libFuzzer's output in this directory")
     parser.add_argument("--replay", nargs="+", metavar="FILE", help="run the target on these files only")
+    parser.add_argument("--lines", action="store_true",
+                        help="with --replay: print the share of the target's module lines the files run")
     args = parser.parse_args(argv)
     targets = TARGET_NAMES if args.target == "all" else (args.target,)
+    if args.replay and args.lines:
+        for target in targets:
+            for module, (run_lines, total) in line_coverage(target, args.replay, COVERED_MODULES[target]).items():
+                print(f"{target}: {module}: {run_lines} of {total} lines ({100 * run_lines / total:.0f}%)")
+        return 0
     if args.replay:
         return 1 if any(replay(t, args.replay) for t in targets) else 0
     if args.seconds is None and args.runs is None:
