@@ -144,6 +144,8 @@ def device_scripts() -> list[bytes]:
         _pages(2, 0, data(0x55)) + _range(5, 0, 0, 100) + _range(4, 0, 0, PAGE) + _range(5, 0, 0, PAGE),  # slot 0
         staged + arm + bytes([7, 1]) + read_all + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + read_all + bytes([7, 1])
         + bytes([3, 1, 0, 100, 0, 200, 0x5A, 0]) + read_all,  # the source down, then up again
+        staged + arm + bytes([7, 3, 0, 2, 3, 1, 1, 4]) + bytes([7, 3, 0, 2, 3, 0, 2, 0]) + bytes([7, 3, 0, 2, 3, 0, 0, 7])
+        + bytes([7, 2, 0, 2, 3]) + read_all,  # prefetch steps with data, a trim and a new marker landing meanwhile
         _pages(0, 3, marker(2)) + arm + _pages(0, 3, marker(2)) + _pages(0, 4, marker(_DEVICE_PAGES - 1)) + read_all,  # remap
     ]
 

@@ -484,6 +484,7 @@ class _FakeSource:
     def __init__(self, image: bytes):
         self.image = image
         self.down = False
+        self.before_reply = None  # called once inside read_many, as if another request came meanwhile
 
     def _check(self):
         if self.down:
@@ -491,6 +492,8 @@ class _FakeSource:
 
     def read_many(self, ranges, timeout):
         self._check()
+        if self.before_reply:
+            self.before_reply()
         return [self.image[offset : offset + length] for offset, length in ranges]
 
     def read_many_into(self, ranges, views, timeout):
@@ -523,7 +526,8 @@ _DEVICE_PARTS = None
 
 def device(data: bytes) -> None:
     """Operations: 0 marker write, 1 foreign/forged marker, 2 data write, 3 unaligned write, 4 trim,
-    5 read, 6 arm, 7 learn zero pages (even slot byte) or take the source down/up (odd). Every read is
+    5 read, 6 arm, 7 by the slot byte mod 4: learn zero pages, take the source down/up, a prefetch step,
+    a prefetch step with a write or trim landing while its fetch is in flight. Every read is
     checked against the model; a read or write may fail only while the source is down, and a failed
     write changes nothing."""
     global _DEVICE_PARTS
@@ -622,11 +626,32 @@ def device(data: bytes) -> None:
                                   f"{got[bad]}, the model says {want[start + bad]} ({model[(offset + bad) // PAGE]!r:.40})")
             elif op == 6:
                 dev.arm()
-            else:
-                if slot & 1:
-                    source.down = not source.down
-                elif not source.down:
-                    dev.learn_zero_pages(source, timeout=1.0)
+            elif slot & 3 == 1:
+                source.down = not source.down
+            elif source.down:
+                continue
+            elif slot & 3 == 0:
+                dev.learn_zero_pages(source, timeout=1.0)
+            else:  # a prefetch step; with slot & 3 == 3 a write or trim lands while the fetch is in flight
+                runs = dev.pending_runs(script.byte() % slots, slots, 1 + script.byte() % 3, 1 + script.byte() % 4)
+                if not runs:
+                    continue
+                if slot & 3 == 3:
+                    target = runs[0].slot + script.byte() % runs[0].count
+                    kind, guest = script.byte() % 3, script.byte() % _DEVICE_PAGES
+
+                    def meanwhile():
+                        source.before_reply = None
+                        if kind == 2:
+                            dev.trim(target * PAGE, PAGE)
+                            model[target] = None
+                        else:
+                            page = codec.page(guest) if kind == 0 else bytes([guest + 1]) * PAGE
+                            dev.write(page, target * PAGE)
+                            store(target, page)
+
+                    source.before_reply = meanwhile
+                dev.fetch(runs, source, "prefetch", 1.0)
             check(0 <= dev.remaining <= dev.mapped <= slots and dev.overlay_pages >= 0, "counters out of range")
         mapped = sum(1 for entry in model if entry and entry[0] == "map")
         overlay = sum(1 for entry in model[1:] if entry and entry[0] == "data")
