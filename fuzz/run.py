@@ -122,7 +122,7 @@ def fuzz(target: str, seconds: int | None, runs: int | None, work: Path, log: Pa
     CRASHES.mkdir(exist_ok=True)
     before = set(CRASHES.iterdir())
     args = [f"-artifact_prefix={CRASHES}/{target}-", "-print_final_stats=1", "-timeout=20", "-rss_limit_mb=2048",
-            "-max_len=8192"]
+            "-max_len=16384"]  # the largest client seeds are 13 KB
     if seconds is not None:
         args.append(f"-max_total_time={seconds}")
     if runs is not None:
