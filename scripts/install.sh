@@ -42,6 +42,9 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo"
+# atheris (libFuzzer for Python) runs the fuzz targets in fuzz/; without it tests/test_fuzz.py skips.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check atheris \
+    || say "atheris did not install: the fuzzing tests (tests/test_fuzz.py) will be skipped"
 ln -sf "$venv/bin/nbd-postcopy" /usr/local/bin/nbd-postcopy
 
 # nbdkit's embedded Python is Debian's /usr/bin/python3: point it at this checkout too.

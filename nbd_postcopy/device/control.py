@@ -7,8 +7,12 @@ the connection open for more. Commands (see plugin/postcopy.py):
              "remaining", "complete", "anomalies", "source_connected", "fetched_demand", ...}
     arm      start fetching from the source: {"ok": true, "armed": true}
 
-An unknown command gets {"error": "..."}. `request()` is the client side, for the stager, the attach
-script and the migration driver:
+An unknown command gets {"error": "..."}. The socket is bounded, because every connection costs a
+thread whose stack nbdkit --swap locks in memory: at most MAX_CONNECTIONS (8) connections at once (one
+more is answered with one {"error": ...} line and closed), a connection that sends no complete line
+for IDLE_TIMEOUT (60) seconds is closed, and so is one that sends a line longer than MAX_LINE bytes
+(after an {"error": ...} answer). Refusals and timeouts are logged at most once per 10 seconds.
+`request()` is the client side, for the stager, the attach script and the migration driver:
 
     >>> request("/run/nbd-postcopy/ctl.sock", "status")["remaining"]
 """
@@ -24,10 +28,13 @@ import threading
 from collections.abc import Callable
 
 from ..common.linux import remove_stale_socket
+from ..common.ratelog import RateLimitedLog
 
 log = logging.getLogger("nbd_postcopy.device.control")
 
 MAX_LINE = 1024
+MAX_CONNECTIONS = 8  # concurrent control connections; more are refused
+IDLE_TIMEOUT = 60.0  # seconds a connection may wait for its next line (or take to read an answer)
 
 Handler = Callable[[], dict]
 
@@ -39,15 +46,24 @@ class ControlError(Exception):
 class _Connection(socketserver.StreamRequestHandler):
     server: "_Server"
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # StreamRequestHandler applies it to the socket
+        super().setup()
+
     def handle(self) -> None:
-        while True:
-            line = self.rfile.readline(MAX_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_LINE:
-                self._reply({"error": f"command longer than {MAX_LINE} bytes"})
-                return
-            self._reply(self.server.dispatch(line.decode(errors="replace").strip()))
+        try:
+            while True:
+                line = self.rfile.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE:
+                    self._reply({"error": f"command longer than {MAX_LINE} bytes"})
+                    return
+                self._reply(self.server.dispatch(line.decode(errors="replace").strip()))
+        except TimeoutError:
+            self.server.ratelog.warning("idle", "control connection idle for %gs: closed", self.server.idle_timeout)
+        except OSError as exc:  # the client went away mid-answer
+            log.debug("control connection failed: %s", exc)
 
     def _reply(self, answer: dict) -> None:
         self.wfile.write(json.dumps(answer).encode() + b"\n")
@@ -57,9 +73,45 @@ class _Connection(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, handlers: dict[str, Handler]):
+    def __init__(self, path: str, handlers: dict[str, Handler], max_connections: int, idle_timeout: float):
         self.handlers = handlers
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.ratelog = RateLimitedLog(log)
+        self._connections = 0
+        self._count_lock = threading.Lock()
         super().__init__(path, _Connection)
+
+    def process_request(self, request, client_address) -> None:
+        with self._count_lock:
+            refuse = self._connections >= self.max_connections
+            if not refuse:
+                self._connections += 1
+        if not refuse:
+            try:
+                super().process_request(request, client_address)  # a thread per connection
+            except BaseException:  # no thread started (serve_forever reports it and closes the socket)
+                self._connection_ended()
+                raise
+            return
+        self.ratelog.warning("refused", "control connection refused: %d connections are open", self.max_connections)
+        try:
+            request.settimeout(0.1)  # never let a refused client hold up the accepting thread
+            request.sendall(json.dumps({"error": f"too many control connections (at most {self.max_connections})"}
+                                       ).encode() + b"\n")
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_ended()
+
+    def _connection_ended(self) -> None:
+        with self._count_lock:
+            self._connections -= 1
 
     def dispatch(self, command: str) -> dict:
         handler = self.handlers.get(command)
@@ -75,10 +127,11 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 class ControlServer:
     """Serves `handlers` ({command: function returning a dict}) on a Unix socket, on a daemon thread."""
 
-    def __init__(self, path: str, handlers: dict[str, Handler]):
+    def __init__(self, path: str, handlers: dict[str, Handler], max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT):
         self.path = path
         remove_stale_socket(path)
-        self._server = _Server(path, handlers)
+        self._server = _Server(path, handlers, max_connections, idle_timeout)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="control", daemon=True)
 
@@ -101,7 +154,10 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(command.encode() + b"\n")
+            try:
+                sock.sendall(command.encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused (too many connections): its one-line answer may be waiting all the same
             answer = b""
             while not answer.endswith(b"\n"):
                 chunk = sock.recv(65536)

@@ -1066,7 +1066,7 @@ class ClientConnection(_Connection):
             size=self._info["size"],
             transmission_flags=self._info["flags"],
             min_block=self._info.get("minimum", 1),
-            preferred_block=self._info.get("preferred", PAGE_SIZE),
+            preferred_block=min(self._info.get("preferred", PAGE_SIZE), MAX_BLOCK),
             max_block=min(self._info.get("maximum", MAX_BLOCK), MAX_BLOCK),
             structured_replies=self.structured_replies,
             base_allocation=BASE_ALLOCATION in self._context_ids.values(),
@@ -1087,6 +1087,9 @@ class ClientConnection(_Connection):
             parsed = wire.InfoBlockSize.parse(payload)
             if not 1 <= parsed.minimum <= parsed.preferred <= parsed.maximum:
                 raise RemoteProtocolError("server advertised inconsistent block sizes")
+            if parsed.minimum > MAX_BLOCK:
+                raise RemoteProtocolError(f"server's minimum block size {parsed.minimum} is above the largest "
+                                          f"request this client makes ({MAX_BLOCK} bytes)")
             self._info.update(minimum=parsed.minimum, preferred=parsed.preferred, maximum=parsed.maximum)
         # NAME, DESCRIPTION and unknown info types are ignored.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
+import time
 
 import pytest
 
-from nbd_postcopy.device.control import ControlError, ControlServer, request
+from nbd_postcopy.device.control import MAX_LINE, ControlError, ControlServer, request
 
 
 @pytest.fixture
@@ -68,3 +71,62 @@ def test_stale_socket_is_replaced_and_live_one_refused(run_dir, control):
 def test_request_to_missing_socket(run_dir):
     with pytest.raises(ControlError, match="No such file"):
         request(str(run_dir / "none.sock"), "status")
+
+
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(path)
+    return sock
+
+
+def test_connections_beyond_the_limit_are_refused(run_dir, caplog):
+    server = ControlServer(str(run_dir / "ctl.sock"), {"status": dict}, max_connections=2)
+    server.start()
+    held = [_connect(server.path) for _ in range(2)]
+    try:
+        for sock in held:  # both are served (and so counted) before the next ones arrive
+            sock.sendall(b"status\n")
+            assert sock.makefile("rb").readline() == b"{}\n"
+        with caplog.at_level(logging.WARNING, logger="nbd_postcopy.device.control"):
+            for _ in range(3):
+                answer = request(server.path, "status")
+                assert answer == {"error": "too many control connections (at most 2)"}
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1  # rate-limited
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while (answer := request(server.path, "status")) != {} and time.monotonic() < deadline:
+            time.sleep(0.02)  # the closed connection's thread ends soon after
+        assert answer == {}
+    finally:
+        for sock in held:
+            sock.close()
+        server.close()
+
+
+def test_idle_connection_is_closed(run_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="nbd_postcopy.device.control")
+    server = ControlServer(str(run_dir / "ctl.sock"), {"status": dict}, idle_timeout=0.3)
+    server.start()
+    try:
+        with _connect(server.path) as busy, _connect(server.path) as idle:
+            started = time.monotonic()
+            reader = busy.makefile("rb")
+            for _ in range(3):  # a line in time keeps a connection open
+                busy.sendall(b"status\n")
+                assert reader.readline() == b"{}\n"
+                time.sleep(0.15)
+            assert idle.recv(100) == b""  # closed by the server meanwhile
+            assert 0.25 < time.monotonic() - started < 3
+            assert any("idle for 0.3s" in r.getMessage() for r in caplog.records)
+    finally:
+        server.close()
+
+
+def test_overlong_line_is_answered_and_closed(control):
+    with _connect(control.path) as sock:
+        sock.sendall(b"x" * (MAX_LINE + 10) + b"\nstatus\n")
+        reader = sock.makefile("rb")
+        assert json.loads(reader.readline()) == {"error": f"command longer than {MAX_LINE} bytes"}
+        assert reader.readline() == b""

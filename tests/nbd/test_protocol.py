@@ -875,3 +875,22 @@ def test_unknown_roles_are_refused_by_the_client_and_ignored_by_the_server():
     server = greeted()
     server.receive_data(option(Option.LIST_META_CONTEXT, meta_data(queries=("x-nbd-postcopy:role=bulk",))))
     assert events(server) == [] and server.client_role is None
+
+
+@pytest.mark.parametrize("minimum, preferred, maximum, error", [
+    (64 << 20, 64 << 20, 64 << 20, "minimum block size 67108864 is above the largest request"),
+    (512, 64 << 20, 1 << 30, None),  # clamped to what the client reads: min <= preferred <= max still
+])
+def test_client_block_sizes_beyond_its_largest_read(minimum, preferred, maximum, error):
+    """Found by fuzzing (fuzz/targets.py nbd_client): a server's block sizes above 32 MiB gave a Ready
+    whose minimum or preferred block size exceeded its maximum."""
+    client = client_at_options(structured_replies=False)
+    client.data_to_send()
+    sizes = wire.InfoBlockSize.build(dict(minimum=minimum, preferred=preferred, maximum=maximum))
+    client.receive_data(option_reply(Option.GO, Reply.INFO, sizes) + go_replies())
+    if error:
+        with pytest.raises(RemoteProtocolError, match=error):
+            client.next_event()
+        return
+    ready = client.next_event()
+    assert (ready.min_block, ready.preferred_block, ready.max_block) == (512, MAX_BLOCK, MAX_BLOCK)
