@@ -516,7 +516,7 @@ def _device_parts():
     from nbd_postcopy.device.markers import MarkerCodec
 
     if _device_cache_dir is None:
-        _device_cache_dir = tempfile.mkdtemp(prefix="fuzz-device-")
+        _device_cache_dir = tempfile.gettempdir()  # the page file is O_TMPFILE: nothing is left behind
     image = bytes(((page * 7 + i) % 251 + 1) if page % 3 else 0 for page in range(_DEVICE_PAGES) for i in range(PAGE))
     return MarkerCodec(_KEY), MarkerCodec(b"another-key-0123456789"), image
 
