@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import socket
 import subprocess
 import sys
@@ -43,10 +44,11 @@ def not_qmp(run_dir: Path):
 
 
 def test_migrate_with_missing_qmp_sockets_says_it_once_and_leaves_no_work_directory(run_dir):
-    before = set(glob.glob("/tmp/nbdpc-mig-*"))
-    result = run("migrate", "--source-qmp", str(run_dir / "nope.qmp"), "--destination-qmp", str(run_dir / "x.qmp"))
+    result = subprocess.run([*CLI, "migrate", "--source-qmp", str(run_dir / "nope.qmp"), "--destination-qmp",
+                             str(run_dir / "x.qmp")], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, TMPDIR=str(run_dir)))
     one_line_error(result, 1, "cannot talk to the source QEMU")
-    assert set(glob.glob("/tmp/nbdpc-mig-*")) == before
+    assert glob.glob(f"{run_dir}/nbdpc-mig-*") == []
 
 
 def test_migrate_to_a_socket_that_is_not_qmp(not_qmp, run_dir):

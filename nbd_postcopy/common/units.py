@@ -77,6 +77,18 @@ def parse_tcp_listen(spec: str) -> ListenAddress:
     return address
 
 
+def parse_number(text: str, unit: str, zero_ok: bool = False) -> float:
+    """A finite number above 0 (or at least 0 with `zero_ok`) of `unit`, e.g. '2.5' seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value if zero_ok else 0 < value) or value == float("inf"):
+        raise ValueError(f"want a number of {unit} >= 0, got {text!r}" if zero_ok else
+                         f"want a positive number of {unit}, got {text!r}")
+    return value
+
+
 def bracket(host: str) -> str:
     """HOST as it goes before :PORT ([v6])."""
     return f"[{host}]" if ":" in host else host

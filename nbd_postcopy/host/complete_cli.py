@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..common.command import CommandError
-from ..common.units import PAGE_SIZE
+from ..common.command import CommandError, option_type
+from ..common.units import PAGE_SIZE, parse_number
 from .completion import CompletionError, complete_range
 from .stage_cli import add_range_options
 
@@ -28,21 +28,11 @@ examples:
 """
 
 
-def _positive_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"want a positive number of MiB/s, got {text!r}")
-    return value
-
-
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_range_options(p)
     p.add_argument("--chunk-mib", type=float, default=1.0, metavar="MIB",
                    help="bytes per MADV_WILLNEED call, in MiB (default 1)")
-    p.add_argument("--rate-mib", type=_positive_rate, metavar="N", help="cap pre-paging at N MiB/s (default: no cap)")
+    p.add_argument("--rate-mib", type=option_type(lambda text: parse_number(text, "MiB/s")), metavar="N", help="cap pre-paging at N MiB/s (default: no cap)")
     p.add_argument("--control", metavar="SOCK", help="the device's control socket: report its completion state")
     p.add_argument("--quiet", action="store_true", help="no progress output, only errors")
 

@@ -77,7 +77,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"id of the memory backend holding guest RAM on both sides (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
                         help="directory for sockets, the migration key and the device state "
-                             "(default: a new directory under /tmp, removed after a successful migration)")
+                             "(default: a new directory under $TMPDIR or /tmp, removed unless it holds a swap device)")
     parser.add_argument("--keep-source", action="store_true",
                         help="do not quit the source QEMU after every page is local")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
@@ -131,9 +131,10 @@ def _run_to(args: argparse.Namespace) -> int:
 
 
 def make_work_dir(given: Path | None, prefix: str) -> Path:
-    """The --work-dir given (made if missing), or a new one under /tmp."""
+    """The --work-dir given (made if missing), or a new one under $TMPDIR (default /tmp; keep it short: the
+    directory holds Unix sockets)."""
     if given is None:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        return Path(tempfile.mkdtemp(prefix=prefix))
     if given.exists() and not given.is_dir():
         raise CommandError(f"--work-dir {given} exists and is not a directory")
     return given

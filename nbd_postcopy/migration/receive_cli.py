@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..common.command import CommandError, option_type
-from ..common.units import parse_tcp_listen
+from ..common.units import parse_number, parse_tcp_listen
 from .channel import ChannelError, TlsFiles
 from .cli import make_work_dir, release_work_dir
 from .migrate import MigrateError
@@ -39,16 +39,6 @@ Example:
 """
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"want a positive number of seconds, got {text!r}")
-    return value
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qmp", required=True, type=Path, metavar="SOCKET",
                         help="QMP Unix socket of the destination QEMU (started with -incoming defer)")
@@ -57,14 +47,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="F", help="this host's certificate (PEM), signed by --tls-ca")
     parser.add_argument("--tls-key", metavar="F", help="its private key (PEM)")
     parser.add_argument("--tls-ca", metavar="F", help="the CA that signs both hosts' certificates (PEM)")
-    parser.add_argument("--timeout", type=_seconds, metavar="S",
+    parser.add_argument("--timeout", type=option_type(lambda text: parse_number(text, "seconds")), metavar="S",
                         help="seconds a swap-in waits for an unreachable source before it fails, which kills the "
                              "guest (the device's timeout=, default 60); keep it long in production")
     parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
                         help=f"id of the memory backend holding guest RAM (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
                         help="directory for the key, the device state and certificates "
-                             "(default: a new directory under /tmp, removed after success)")
+                             "(default: a new directory under $TMPDIR or /tmp, removed unless it holds a swap device)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
 
 

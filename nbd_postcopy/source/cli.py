@@ -15,7 +15,7 @@ from ..common.command import CommandError, option_type
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
 from ..common.metrics import parse_metrics_listen, serve_metrics
-from ..common.units import parse_address, parse_listen, parse_size
+from ..common.units import parse_address, parse_listen, parse_number, parse_size
 from ..nbd.protocol import ProtocolError, check_instance_id
 from .server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -82,16 +82,6 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"want a number of seconds >= 0, got {text!r}")
-    return value
-
-
 def _instance_id(text: str) -> str:
     try:
         check_instance_id(text)
@@ -124,10 +114,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "one only for a server restarted on the same frozen RAM)")
     p.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                    help=f"clients served at once; more are closed at once (default {DEFAULT_MAX_CONNECTIONS})")
-    p.add_argument("--handshake-timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="S",
+    p.add_argument("--handshake-timeout", type=option_type(lambda text: parse_number(text, "seconds", zero_ok=True)), default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="S",
                    help="seconds a client has for the handshake, and for each request it starts "
                         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
-    p.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="S",
+    p.add_argument("--idle-timeout", type=option_type(lambda text: parse_number(text, "seconds", zero_ok=True)), default=DEFAULT_IDLE_TIMEOUT, metavar="S",
                    help=f"close a connection with no request for S seconds; 0: never (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP here")
