@@ -148,10 +148,11 @@ def test_without_the_freeze_gate_the_checker_sees_stale_pages(guest_image, run_d
                                    quiet=True))
         except MigrateError as exc:
             # The destination died of stale memory: while its pages were coming, or after the source's
-            # release (the prefetcher had them all), which leaves the swap device attached: remove it.
+            # release (the prefetcher had them all), which leaves the swap device attached.
             assert "exited after the switchover" in str(exc) or "after the source was released" in str(exc), exc
+        finally:  # no device outlives the test, whatever happened
             if (run_dir / "mig" / "swap").exists():
-                run_setup_swap("detach", read_state(run_dir / "mig" / "swap")["name"], "--no-complete")
+                run_setup_swap("detach", State.load(run_dir / "mig" / "swap").name, "--no-complete")
         # Stale memory shows as a FAIL line, a crash (oops=panic ends QEMU) or a guest that stops making
         # progress; a guest that keeps passing full verifications means the gate made no difference.
         try:
