@@ -267,6 +267,13 @@ def run_script(command: str, cwd: Path, env: Mapping[str, str], token: str) -> s
     )
 
 
+HIDDEN_IN_LAB = (Path("/tmp"), Path("/run"), Path("/var/tmp"), Path("/dev/shm"))  # fresh tmpfs in the lab
+
+
+def _under(path: Path, roots) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
 def _run_initramfs(image: LabImage, script: str, shares: Sequence[Path], path: Path) -> Path:
     """The cached initramfs followed by a small uncompressed archive holding this run's script."""
     archive = Newc()
@@ -334,7 +341,8 @@ def run_in_lab(
     """Boot the lab, run `command` (shell text, or an argv list) in it as root, and return its exit
     status and output. `time_limit` counts from starting QEMU; past it QEMU is stopped and LabTimeout
     raised. `cwd` defaults to this process's working directory, `env` is added to `default_env()`,
-    `shares` are host directories mounted writable at the same path. Every console line goes to
+    `shares` are host directories mounted writable at the same path (`cwd` is added when it lies where the
+    lab has a fresh tmpfs, such as /tmp). Every console line goes to
     `console_log` (default: a file in a temporary directory that is kept) and to `on_line` as it arrives.
     """
     if not isinstance(command, str):
@@ -345,6 +353,9 @@ def run_in_lab(
         if not share.is_dir():
             raise LabError(f"share {share} is not a directory")
     cwd = Path(cwd or os.getcwd()).resolve()
+    if _under(cwd, HIDDEN_IN_LAB) and not _under(cwd, shares):
+        shares.append(cwd)  # e.g. a checkout in /tmp: the lab's fresh tmpfs there would hide it
+    shares.sort(key=lambda share: len(share.parts))  # a share inside another is mounted after it
     token = uuid.uuid4().hex[:12]
     work = Path(tempfile.mkdtemp(prefix="nbdpc-lab-"))
     log_path = Path(console_log) if console_log else work / "console.log"
