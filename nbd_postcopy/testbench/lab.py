@@ -73,9 +73,9 @@ mount -t sysfs sysfs /newroot/sys || fail "sysfs"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || fail "cgroup2"
 echo +memory > /newroot/sys/fs/cgroup/cgroup.subtree_control || fail "enabling the memory controller"
 i=0
-while read -r path; do
+while read -r mode path; do
     mkdir -p "/newroot$path"
-    mount -t 9p -o {NINEP},cache=none "share$i" "/newroot$path" || fail "mounting share $path"
+    mount -t 9p -o {NINEP},cache=none,$mode "share$i" "/newroot$path" || fail "mounting share $path"
     i=$((i + 1))
 done < /lab/shares
 ip link set lo up || fail "loopback"
@@ -274,11 +274,12 @@ def _under(path: Path, roots) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def _run_initramfs(image: LabImage, script: str, shares: Sequence[Path], path: Path) -> Path:
+def _run_initramfs(image: LabImage, script: str, shares: Sequence[tuple[Path, bool]], path: Path) -> Path:
     """The cached initramfs followed by a small uncompressed archive holding this run's script."""
     archive = Newc()
     archive.add("lab/run.sh", stat.S_IFREG | 0o755, script.encode())
-    archive.add("lab/shares", stat.S_IFREG | 0o644, "".join(f"{p}\n" for p in shares).encode())
+    archive.add("lab/shares", stat.S_IFREG | 0o644,
+                "".join(f"{'rw' if writable else 'ro'} {p}\n" for p, writable in shares).encode())
     base = image.initramfs.read_bytes()
     # The kernel skips zeros between archives; an uncompressed one must start 4-byte aligned.
     path.write_bytes(base + b"\0" * (-len(base) % 4) + archive.finish())
@@ -310,7 +311,8 @@ def in_lab() -> bool:
     return os.environ.get(ENV_MARKER) == "1"
 
 
-def qemu_command(image: LabImage, initramfs: Path, shares: Sequence[Path], memory_mib: int, cpus: int) -> list[str]:
+def qemu_command(image: LabImage, initramfs: Path, shares: Sequence[tuple[Path, bool]], memory_mib: int,
+                 cpus: int) -> list[str]:
     argv = [
         QEMU, "-accel", "tcg", "-cpu", "max", "-nodefaults", "-display", "none", "-no-reboot",
         "-machine", "pc", "-m", f"{memory_mib}M", "-smp", str(cpus),
@@ -320,8 +322,9 @@ def qemu_command(image: LabImage, initramfs: Path, shares: Sequence[Path], memor
         "-chardev", "stdio,id=serial0,signal=off", "-serial", "chardev:serial0",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]  # fmt: skip
-    for index, share in enumerate(shares):
-        argv += ["-virtfs", f"local,path={share},mount_tag=share{index},security_model=none,multidevs=remap"]
+    for index, (share, writable) in enumerate(shares):
+        readonly = "" if writable else ",readonly=on"
+        argv += ["-virtfs", f"local,path={share},mount_tag=share{index},security_model=none{readonly},multidevs=remap"]
     return argv
 
 
@@ -341,21 +344,21 @@ def run_in_lab(
     """Boot the lab, run `command` (shell text, or an argv list) in it as root, and return its exit
     status and output. `time_limit` counts from starting QEMU; past it QEMU is stopped and LabTimeout
     raised. `cwd` defaults to this process's working directory, `env` is added to `default_env()`,
-    `shares` are host directories mounted writable at the same path (`cwd` is added when it lies where the
-    lab has a fresh tmpfs, such as /tmp). Every console line goes to
+    `shares` are host directories mounted writable at the same path (`cwd` is added, read-only, when it
+    lies where the lab has a fresh tmpfs, such as /tmp, as the host's root is read-only there). Every console line goes to
     `console_log` (default: a file in a temporary directory that is kept) and to `on_line` as it arrives.
     """
     if not isinstance(command, str):
         command = shlex.join(str(a) for a in command)
     image = image or prepare_lab()
-    shares = [Path(s).resolve() for s in shares]
-    for share in shares:
+    shares = [(Path(s).resolve(), True) for s in shares]
+    for share, _ in shares:
         if not share.is_dir():
             raise LabError(f"share {share} is not a directory")
     cwd = Path(cwd or os.getcwd()).resolve()
-    if _under(cwd, HIDDEN_IN_LAB) and not _under(cwd, shares):
-        shares.append(cwd)  # e.g. a checkout in /tmp: the lab's fresh tmpfs there would hide it
-    shares.sort(key=lambda share: len(share.parts))  # a share inside another is mounted after it
+    if _under(cwd, HIDDEN_IN_LAB) and not _under(cwd, [share for share, _ in shares]):
+        shares.append((cwd, False))  # e.g. a checkout in /tmp, which the lab's fresh tmpfs would hide; read-only
+    shares.sort(key=lambda share: len(share[0].parts))  # a share inside another is mounted after it
     token = uuid.uuid4().hex[:12]
     work = Path(tempfile.mkdtemp(prefix="nbdpc-lab-"))
     log_path = Path(console_log) if console_log else work / "console.log"
