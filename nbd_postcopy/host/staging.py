@@ -50,7 +50,7 @@ PAGEOUT_CHUNK_PAGES = 2048  # 8 MiB per process_madvise, for progress
 MIN_HEADROOM_PAGES = 64  # free slots beyond the range: reclaim skips anon memory when swap is full
 DEVICE_SAMPLES = 32  # pages whose slot is read back from the device
 FALLBACK_ROUNDS = 4
-VERIFY_ATTEMPTS = 5
+VERIFY_ATTEMPTS = 10  # a straggler held in a per-CPU batch can take a few rounds to let go
 WRITEBACK_TIMEOUT = 120.0
 SETTLE_SECONDS = 1.0
 
