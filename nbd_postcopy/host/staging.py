@@ -352,6 +352,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
                 if not cached:
                     break
                 log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
+                time.sleep(0.1 * (attempt + 1))  # give per-CPU LRU batches time to drain before the next round
             else:
                 raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would "
                                    f"not reach the device): {_describe(cached, address)}")
