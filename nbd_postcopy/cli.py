@@ -24,6 +24,8 @@ COMMANDS = {
     "swap": "nbd_postcopy.host.swap_cli",
     "migrate": "nbd_postcopy.migration.cli",
     "receive": "nbd_postcopy.migration.receive_cli",
+    "snapshot": "nbd_postcopy.migration.snapshot_cli",
+    "restore": "nbd_postcopy.migration.restore_cli",
     "demo": "nbd_postcopy.testbench.demo",
     "plugin-path": "nbd_postcopy.device.cli",
 }

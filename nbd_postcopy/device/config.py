@@ -34,6 +34,7 @@ KEYS = {
     "uuid": "swap UUID (default random)",
     "source-id": "instance id the source must report (nbd-postcopy serve --instance-id); default: learned on the "
     "first connection. Either way a reconnect to a server with another id is refused",
+    "replay": "file of guest page numbers (a recorded working set, one a line) to prefetch first after arming",
 }
 REQUIRED = ("source", "key")
 
@@ -61,6 +62,7 @@ class PluginConfig:
     label: str = ""
     uuid: uuid_module.UUID | None = None
     source_id: str | None = None
+    replay: str | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -123,6 +125,10 @@ class PluginConfig:
             self.label = value
         elif key == "uuid":
             self.uuid = uuid_module.UUID(value)
+        elif key == "replay":
+            if not os.path.isfile(value) or not os.access(value, os.R_OK):
+                raise ValueError("not a readable file")
+            self.replay = value
         elif key == "source-id":
             try:
                 check_instance_id(value)

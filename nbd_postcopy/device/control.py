@@ -6,6 +6,9 @@ the connection open for more. Commands (see plugin/postcopy.py):
     status   the device state: {"armed", "pages", "slots", "mapped", "local", "overlay_pages",
              "remaining", "complete", "anomalies", "source_connected", "fetched_demand", ...}
     arm      start fetching from the source: {"ok": true, "armed": true}
+    workingset  the guest pages demand-fetched first, in order (device/workingset.py):
+             {"recorded": [page, ...], "limit", "replay" (pages given by replay=), "replayed" (of them
+             mapped), "replay_done" (the prefetcher has fetched them)}
 
 An unknown command gets {"error": "..."}. The socket is bounded, because every connection costs a
 thread whose stack nbdkit --swap locks in memory: at most MAX_CONNECTIONS (8) connections at once (one

@@ -326,6 +326,18 @@ class Device:
         value = self._guest[slot]
         return value - 1 if value else None
 
+    def slots_of(self, guests: Sequence[int]) -> dict[int, int]:
+        """guest page -> the slot that maps it, for the pages of `guests` that are mapped (one scan)."""
+        wanted = {guest + 1 for guest in guests}
+        found: dict[int, int] = {}
+        for start in range(0, self.slots, LOCK_BATCH):
+            with self._lock:
+                chunk = self._guest[start : start + LOCK_BATCH]
+            for i, value in enumerate(chunk):
+                if value in wanted:
+                    found[value - 1] = start + i
+        return found
+
     def is_local(self, slot: int) -> bool:
         return bool(self._guest[slot]) and not self._pending.get(slot)
 

@@ -2,7 +2,7 @@
 
     nbdkit [-U SOCK | -p PORT] python plugin/postcopy.py source=URI (pages=N | size=BYTES) key=KEYFILE
            [headroom=N] [metrics=HOST:PORT] [control=PATH] [cache-dir=DIR] [timeout=SECONDS]
-           [prefetch=on|off] [armed=yes|no] [label=TEXT] [uuid=UUID]
+           [prefetch=on|off] [armed=yes|no] [label=TEXT] [uuid=UUID] [replay=FILE]
 
 Slot 0 of the export is a swap header (swapon works without mkswap); slots 1 .. pages + headroom hold
 guest pages. Writes of keyed marker pages (from `nbd-postcopy stage`) map slots to guest pages; other
@@ -40,6 +40,7 @@ from nbd_postcopy.device.device import Device, DeviceIOError  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
 from nbd_postcopy.common.metrics import serve_metrics  # noqa: E402
 from nbd_postcopy.device.prefetch import Prefetcher  # noqa: E402
+from nbd_postcopy.device.workingset import WorkingSetError, WorkingSetRecorder, read_workingset  # noqa: E402
 
 API_VERSION = 2
 MAX_REQUEST = 32 * 1024 * 1024
@@ -53,6 +54,9 @@ log = logging.getLogger("nbd_postcopy.plugin")
 # One device for the whole process: every connection (nbdfuse opens 4) shares it.
 _config = plugin_config.PluginConfig()
 _device = None
+_recorder = None  # the first demand-faulted guest pages (control command workingset)
+_replay = []  # guest pages to prefetch first (replay=)
+_prefetcher = None
 _services = []  # started in after_fork, stopped in cleanup (in reverse order)
 
 
@@ -82,7 +86,7 @@ def config(key, value):
 
 
 def config_complete():
-    global _device
+    global _device, _recorder, _replay
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="nbdkit: postcopy: %(levelname)s: %(message)s")
     try:
         _config.check_complete()
@@ -95,9 +99,13 @@ def config_complete():
             label=_config.label,
             swap_uuid=_config.uuid,
         )
-    except (plugin_config.ConfigError, ValueError, OSError) as exc:
+        if _config.replay:
+            _replay = read_workingset(_config.replay, _config.pages)
+    except (plugin_config.ConfigError, WorkingSetError, ValueError, OSError) as exc:
         _report_error(exc)
         raise
+    _recorder = WorkingSetRecorder(_device.guest_of)
+    _device.add_fault_listener(_recorder)
     log.info("device: %d guest pages, %d slots (%d bytes), source %s", _device.pages, _device.slots, _device.size, _config.source)
 
 
@@ -111,6 +119,7 @@ def after_fork():
 
 
 def _start_services():
+    global _prefetcher
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     connect_timeout = min(STARTUP_CONNECT_TIMEOUT, _config.timeout)
     identity = SourceIdentity(_config.source_id, on_refused=_device.on_source_refused)
@@ -124,12 +133,13 @@ def _start_services():
     if _config.prefetch:
         source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity,
                               role="prefetch")
-        prefetcher = Prefetcher(_device, source, timeout=_config.timeout)
+        prefetcher = _prefetcher = Prefetcher(_device, source, timeout=_config.timeout, replay=_replay)
         _services.append(prefetcher)
         prefetcher.start()
     if _config.control:
         try:
-            control = ControlServer(_config.control, {"status": _device.status, "arm": _arm})
+            control = ControlServer(_config.control, {"status": _device.status, "arm": _arm,
+                                                      "workingset": _workingset})
         except OSError as exc:
             raise RuntimeError(f"control={_config.control}: cannot listen: {exc.strerror or exc}") from None
         _services.append(control)
@@ -146,6 +156,12 @@ def _start_services():
 def _arm():
     _device.arm()
     return {"ok": True, "armed": True}
+
+
+def _workingset():
+    return {"recorded": _recorder.pages(), "limit": _recorder.limit, "replay": len(_replay),
+            "replayed": _prefetcher.replayed if _prefetcher is not None else 0,
+            "replay_done": _prefetcher is None or _prefetcher.replay_done.is_set()}
 
 
 def cleanup():

@@ -1,6 +1,8 @@
 """The background prefetcher: pulls every mapped page that is not local yet, without slowing demand.
 
 Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
+  0. right after arming, a replayed working set if one was given (device/workingset.py), in its
+     recorded order, before anything else (`replay_done` is set once it is fetched);
   1. the neighbourhood of recent demand faults first, newest fault first (pre-paging: a guest that
      faults on a page soon wants its neighbours; staging pages a range out in address order, so
      neighbouring slots hold neighbouring guest pages);
@@ -24,6 +26,7 @@ import time
 from collections import deque
 
 from .device import Device, DeviceIOError, PageSource, Run
+from .workingset import REPLAY_SPAN
 
 log = logging.getLogger("nbd_postcopy.device.prefetch")
 
@@ -92,7 +95,21 @@ class PrefetchScheduler:
         self.behind = behind
         self.ahead = ahead
         self._hints: deque[int] = deque(maxlen=max_hints)
+        self._replay: deque[int] = deque()
         self._cursor = 1
+
+    def replay(self, slots: list[int]) -> None:
+        """Queue these slots (and the few after each) for replay_runs(), in this order."""
+        self._replay.extend(slots)
+
+    def replay_runs(self, max_runs: int) -> list[Run]:
+        """The next runs of the replayed working set that are not local yet ([] once it is done)."""
+        runs: list[Run] = []
+        while self._replay and len(runs) < max_runs:
+            slot = self._replay.popleft()
+            found = self.device.pending_runs(slot, slot + REPLAY_SPAN, max_runs - len(runs), self.run_pages)
+            runs += [run for run in found if run not in runs]
+        return runs
 
     def hint(self, slot: int) -> None:
         """A demand fault at `slot` (thread-safe: deque appends are atomic)."""
@@ -124,8 +141,12 @@ class Prefetcher:
     """Runs the scheduler on a daemon thread over its own source connection (which it owns and closes),
     after arming."""
 
-    def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True):
+    def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True,
+                 replay: list[int] = ()):
         self.device = device
+        self.replay = list(replay)  # guest pages to pull first (a recorded working set)
+        self.replayed = 0  # of them, mapped when the device was armed
+        self.replay_done = threading.Event()  # the working set is fetched (or there was none)
         self.source = source
         self.timeout = timeout
         self.learn_zeros = learn_zeros
@@ -154,6 +175,9 @@ class Prefetcher:
         self.device.armed_event.wait()
         if self._stop.is_set():
             return
+        if self.replay:
+            self._replay_working_set()
+        self.replay_done.set()
         if self.learn_zeros:
             self._learn_zero_pages()
         log.info("prefetching %d pages", self.device.remaining)
@@ -171,6 +195,27 @@ class Prefetcher:
             self.controller.after_batch(time.monotonic())
             if self.controller.pause:
                 self._stop.wait(self.controller.pause)
+
+    def _replay_working_set(self) -> None:
+        """Fetch the recorded working set first (staging is over: its slots are known)."""
+        started = time.monotonic()
+        slots = self.device.slots_of(self.replay)
+        self.scheduler.replay([slots[page] for page in self.replay if page in slots])
+        self.replayed = len(slots)
+        fetched = self.device.fetched["prefetch"]
+        while not self._stop.is_set():
+            gap = self._wait_for_demand_gap()
+            runs = self.scheduler.replay_runs(self.controller.window if gap else 1)
+            if not runs:
+                break
+            try:
+                self.device.fetch(runs, self.source, "prefetch", self.timeout)
+            except DeviceIOError:
+                self._stop.wait(RETRY_PAUSE)  # those runs are left to the sweep
+                continue
+            self.controller.after_batch(time.monotonic())
+        log.info("replayed a working set of %d guest pages (%d mapped): %d pages fetched in %.2fs", len(self.replay),
+                 len(slots), self.device.fetched["prefetch"] - fetched, time.monotonic() - started)
 
     def _wait_for_demand_gap(self) -> bool:
         """Wait until demand is quiet (see the module doc); False if DEMAND_YIELD ran out first."""

@@ -36,20 +36,29 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
 from ..common.linux import free_port
-from ..common.progress import Progress
+from .destination import (  # (also imported from here by receive.py and the tests)
+    PREFETCH_STALL_SECONDS,
+    MigrateError,
+    attach_device,
+    connect as _connect,
+    detach_device,
+    exited as _exited,
+    fault_latency,
+    histogram_quantiles,
+    memdev_property as _memdev_property,
+    wait_for_prefetch,
+    wait_gone as _wait_gone,
+)
 from .ram import RAM_ID, RamRegion, ram_region_of
 from ..common.qmp import Qmp, QmpEvent, VmError
 from ..host.staging import stage_range
@@ -57,11 +66,6 @@ from ..host.staging import stage_range
 log = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT = 10.0
-PREFETCH_STALL_SECONDS = 5.0
-
-
-class MigrateError(Exception):
-    """The migration failed or was refused; the message says at which step and what state remains."""
 
 
 @dataclass
@@ -420,28 +424,8 @@ class _Migration:
         return started, stop, resume, info
 
     def _wait_for_prefetch(self) -> None:
-        """Let the device's prefetcher pull the pages before pre-paging them into the guest.
-
-        Pre-paging at once competes with the guest's own faults for the device and stalls the guest
-        (256 MiB guest here: largest heartbeat gap 2.3 s at once, 0.9 s after waiting); once the
-        prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
-        no progress for PREFETCH_STALL_SECONDS: completion then fetches what is left itself.
-        """
-        status = self._device("status")
-        total = status["remaining"]
-        bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
-        last, since = None, time.monotonic()
-        while (remaining := status["remaining"]) > 0:
-            bar.update(total - remaining)
-            if remaining != last:
-                last, since = remaining, time.monotonic()
-            elif time.monotonic() - since > PREFETCH_STALL_SECONDS:
-                bar.finish(f"no progress for {PREFETCH_STALL_SECONDS:g}s, completion fetches the rest")
-                return
-            time.sleep(0.05)
-            status = self._device("status")
-        bar.update(total)
-        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+        """Let the prefetcher pull every page before completion pre-pages them (destination.wait_for_prefetch)."""
+        wait_for_prefetch(self._device, self.o.quiet, self.stream)
 
     def _roll_back(self, source: Qmp, destination: Qmp, cause: BaseException) -> None:
         self.say(f"failed ({cause}); rolling back: the source keeps running")
@@ -474,76 +458,8 @@ class _Migration:
                 self.server.wait()
 
     def _detach(self) -> None:
-        if not self.attached:
-            return
-        report = attachment.CollectingReporter()
-        try:
-            attachment.detach(self.swap_name, complete=False, report=report)
-        except attachment.AttachmentError as exc:
-            log.error("detaching %s failed: %s\n%s", self.swap_name, exc, report.text)
-        else:
+        if self.attached and detach_device(self.swap_name):
             self.attached = False
 
     def _fault_latency(self) -> tuple[float | None, float | None]:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        except OSError as exc:
-            log.warning("cannot read the device's metrics: %s", exc)
-            return None, None
-        return histogram_quantiles(text, "nbd_postcopy_fault_seconds", (0.5, 0.99))
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def histogram_quantiles(exposition: str, name: str, quantiles: tuple[float, ...]) -> tuple[float | None, ...]:
-    """Upper bounds (ms) of the buckets holding each quantile of Prometheus histogram `name`."""
-    buckets: list[tuple[float, float]] = []
-    for family in text_string_to_metric_families(exposition):
-        if family.name == name:
-            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name == f"{name}_bucket")
-    total = buckets[-1][1] if buckets else 0
-    if not total:
-        return tuple(None for _ in quantiles)
-    return tuple(next(bound * 1000 for bound, count in buckets if count >= q * total) for q in quantiles)
-
-
-def attach_device(keys: list[str], name: str, state_dir: Path) -> attachment.Attachment:
-    """Attach the postcopy swap device with plugin `keys`; MigrateError with attach's own words if it fails."""
-    report = attachment.CollectingReporter()
-    try:
-        return attachment.attach(attachment.AttachOptions(keys, name=name, state_dir=state_dir), report=report)
-    except attachment.AttachmentError as exc:
-        output = report.text if exc.reported else f"{exc}\n{report.text}"
-        raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
-
-
-def _connect(path: Path, role: str) -> Qmp:
-    try:
-        return Qmp(path, name=role)
-    except VmError as exc:
-        raise MigrateError(f"cannot talk to the {role} QEMU: {exc}") from None
-
-
-def _memdev_property(qmp: Qmp, memdev: str, name: str):
-    try:
-        return qmp.execute("qom-get", path=f"/objects/{memdev}", property=name)
-    except VmError as exc:
-        raise MigrateError(f"cannot read {name} of memory backend {memdev!r}: {exc}") from None
-
-
-def _exited(pid: int) -> bool:
-    """True once process `pid` has exited (a zombie counts: its memory is freed)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not _exited(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-
+        return fault_latency(self.metrics_port)

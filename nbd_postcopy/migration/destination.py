@@ -1,0 +1,131 @@
+"""The destination side's steps that a migration (migrate.py, receive.py) and a restore (restore.py) share:
+talk to the waiting QEMU, attach the swap device, wait for the prefetcher, read the fault latency, detach.
+
+Each driver keeps its own phases and failure policy; these helpers do one step each and raise
+MigrateError with a message for the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..common.progress import Progress
+from ..common.qmp import Qmp, VmError
+from ..host import attachment
+
+log = logging.getLogger(__name__)
+
+PREFETCH_STALL_SECONDS = 5.0
+
+
+class MigrateError(Exception):
+    """The migration failed or was refused; the message says at which step and what state remains."""
+
+
+def connect(path: Path, role: str) -> Qmp:
+    try:
+        return Qmp(path, name=role)
+    except VmError as exc:
+        raise MigrateError(f"cannot talk to the {role} QEMU: {exc}") from None
+
+
+def memdev_property(qmp: Qmp, memdev: str, name: str):
+    try:
+        return qmp.execute("qom-get", path=f"/objects/{memdev}", property=name)
+    except VmError as exc:
+        raise MigrateError(f"cannot read {name} of memory backend {memdev!r}: {exc}") from None
+
+
+def exited(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie counts: its memory is freed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def attach_device(keys: list[str], name: str, state_dir: Path) -> attachment.Attachment:
+    """Attach the postcopy swap device with plugin `keys`; MigrateError with attach's own words if it fails."""
+    report = attachment.CollectingReporter()
+    try:
+        return attachment.attach(attachment.AttachOptions(keys, name=name, state_dir=state_dir), report=report)
+    except attachment.AttachmentError as exc:
+        output = report.text if exc.reported else f"{exc}\n{report.text}"
+        raise MigrateError(f"attaching the swap device failed:\n{output.strip()}") from None
+
+
+def detach_device(name: str) -> bool:
+    """Detach swap device `name` without completion; False (and the reason logged) if that failed."""
+    report = attachment.CollectingReporter()
+    try:
+        attachment.detach(name, complete=False, report=report)
+    except attachment.AttachmentError as exc:
+        log.error("detaching %s failed: %s\n%s", name, exc, report.text)
+        return False
+    return True
+
+
+def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,
+                      on_status: Callable[[dict], None] | None = None,
+                      stall_seconds: float = PREFETCH_STALL_SECONDS) -> None:
+    """Let the device's prefetcher pull the pages before pre-paging them into the guest.
+
+    Pre-paging at once competes with the guest's own faults for the device and stalls the guest
+    (256 MiB guest here: largest heartbeat gap 2.3 s at once, 0.9 s after waiting); once the
+    prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
+    no progress for `stall_seconds`: completion then fetches what is left itself. `device(command)`
+    asks the device's control socket; `on_status`, if given, sees every status read.
+    """
+    status = device("status")
+    total = status["remaining"]
+    bar = Progress("fetching", total, quiet=quiet, stream=stream)
+    last, since = None, time.monotonic()
+    while (remaining := status["remaining"]) > 0:
+        if on_status is not None:
+            on_status(status)
+        bar.update(total - remaining)
+        if remaining != last:
+            last, since = remaining, time.monotonic()
+        elif time.monotonic() - since > stall_seconds:
+            bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
+            return
+        time.sleep(0.05)
+        status = device("status")
+    if on_status is not None:
+        on_status(status)
+    bar.update(total)
+    bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+
+
+def fault_latency(metrics_port: int) -> tuple[float | None, float | None]:
+    """p50 and p99 (ms, bucket upper bounds) of the device's demand fault latency, from its metrics."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        log.warning("cannot read the device's metrics: %s", exc)
+        return None, None
+    return histogram_quantiles(text, "nbd_postcopy_fault_seconds", (0.5, 0.99))
+
+
+def histogram_quantiles(exposition: str, name: str, quantiles: tuple[float, ...]) -> tuple[float | None, ...]:
+    """Upper bounds (ms) of the buckets holding each quantile of Prometheus histogram `name`."""
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(exposition):
+        if family.name == name:
+            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name == f"{name}_bucket")
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return tuple(None for _ in quantiles)
+    return tuple(next(bound * 1000 for bound, count in buckets if count >= q * total) for q in quantiles)

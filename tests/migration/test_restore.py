@@ -1,0 +1,139 @@
+"""nbd-postcopy snapshot and restore end to end: real QEMU (TCG), page server, swap device, staging."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from nbd_postcopy.common.units import PAGE_SIZE
+from nbd_postcopy.migration import snapshotdir
+from nbd_postcopy.migration.restore import RestoreError, RestoreOptions, restore
+from nbd_postcopy.migration.snapshot import SnapshotOptions, machine_of, snapshot
+from nbd_postcopy.migration.snapshotdir import Manifest
+from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
+from nbd_postcopy.testbench.vm import Vm
+from tests.migration.test_migrate import _nothing_left
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    return prepare_guest()
+
+
+def _restored_guest_verifies(vm: Vm) -> None:
+    """Full verification passes of all the guest's memory after the restore, and no FAIL line."""
+    after = vm.console.mark()
+    vm.console.wait_for(PassOk, count=2, after=after, timeout=90)
+    assert vm.console.events(Failure) == [], vm.console.tail()
+    assert vm.qmp.status() == "running"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_snapshot_then_restore_twice_with_working_set_replay(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=23 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=256, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
+        source.wait_exit(10)
+    assert saved.guest_bytes == 256 * MIB and saved.data_bytes < saved.guest_bytes
+    assert saved.state_bytes < 16 * MIB, "guest RAM must not be in the device state"
+    assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
+    assert [p.name for p in run_dir.glob("snap.partial-*")] == []
+
+    reports = []
+    for number in (1, 2):
+        with Vm(guest_image, run_dir, name=f"dst{number}", memory_mib=256, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst{number}",
+                                            quiet=True))
+            reports.append(report)
+            _restored_guest_verifies(destination)
+    first, second = reports
+    assert first.replayed_pages == 0 and first.recorded_pages > 0
+    assert (snap / "workingset").read_text().startswith("# working set of the snapshot with RAM sha256 ")
+    assert second.replayed_pages == first.recorded_pages
+    for report in reports:
+        assert report.guest_bytes == 256 * MIB
+        assert report.pages_demand + report.pages_prefetch > 0
+        assert report.pages_demand_first <= report.pages_demand
+    print(f"\nwithout a record:\n{first.summary()}\nwith one:\n{second.summary()}")
+    snapshotdir.verify(snap, snapshotdir.load(snap))  # restores never change the snapshot
+    _nothing_left(run_dir)
+
+
+def _fake_snapshot(run_dir, machine: dict, name: str = "fake") -> tuple:
+    """A well-formed snapshot of `machine` (its RAM a little pattern, its state junk: never loaded here)."""
+    directory = run_dir / name
+    partial = snapshotdir.begin(directory)
+    (partial / "state").write_bytes(b"QEVM" + bytes(1000))
+    with open(partial / "ram", "wb") as ram:
+        ram.truncate(machine["ram_bytes"])
+        ram.write(b"\x5a" * PAGE_SIZE)
+    snapshotdir.finish(partial, directory, Manifest(
+        memdev="ram0", machine=machine,
+        ram={"file": "ram", "bytes": machine["ram_bytes"], "data_bytes": PAGE_SIZE,
+             "sha256": snapshotdir.file_sha256(partial / "ram")},
+        state={"file": "state", "bytes": 1004, "sha256": snapshotdir.file_sha256(partial / "state")},
+    ))
+    return directory
+
+
+def _swaps() -> str:
+    with open("/proc/swaps") as swaps:
+        return swaps.read()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_damaged_or_unfitting_snapshot_is_refused_and_nothing_is_started(guest_image, run_dir, swap_lock):
+    with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, extra_qmp=1) as destination:
+        machine = machine_of(destination.qmp, 128 * MIB)
+        good = _fake_snapshot(run_dir, machine)
+        swaps, loops = _swaps(), subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+
+        def refused(directory, match):
+            with pytest.raises(RestoreError, match=match) as refusal:
+                restore(RestoreOptions(directory, destination.extra_qmp_paths[0], run_dir / "rst", quiet=True))
+            assert "\n" not in str(refusal.value), "a refusal is one line"
+            assert destination.qmp.status() == "inmigrate"  # untouched: it can still take a good snapshot
+            assert _swaps() == swaps
+            assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops
+            assert not (run_dir / "rst" / "swap").exists()
+
+        tampered = run_dir / "tampered"
+        shutil.copytree(good, tampered)
+        (tampered / "ram").chmod(0o644)
+        with open(tampered / "ram", "r+b") as ram:
+            ram.seek(64 * MIB)
+            ram.write(b"\1")
+        refused(tampered, "RAM file .* does not match its checksum in the manifest: .* refused")
+
+        truncated = run_dir / "truncated"
+        shutil.copytree(good, truncated)
+        (truncated / "state").chmod(0o644)
+        with open(truncated / "state", "r+b") as state:
+            state.truncate(500)
+        refused(truncated, "has 500 bytes, the manifest says 1004: truncated; refused")
+
+        half_written = run_dir / "half"
+        shutil.copytree(good, half_written)
+        (half_written / "manifest.json").unlink()
+        refused(half_written, "is not a snapshot: it has no manifest.json")
+
+        bigger = _fake_snapshot(run_dir, dict(machine, ram_bytes=256 * MIB), "bigger")
+        refused(bigger, "does not fit the snapshot")
+        other_machine = _fake_snapshot(run_dir, dict(machine, type="q35-machine"), "q35")
+        refused(other_machine, "does not fit the snapshot: type is .*, the snapshot's is 'q35-machine'")
+        other_memdev = run_dir / "memdev"
+        shutil.copytree(good, other_memdev)
+        manifest = snapshotdir.load(other_memdev)
+        manifest.memdev = "mem1"
+        (other_memdev / "manifest.json").write_text(manifest.to_json())
+        refused(other_memdev, "has no memory backend 'mem1'")
+    _nothing_left(run_dir)
