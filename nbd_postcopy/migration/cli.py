@@ -7,6 +7,7 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from ..common.command import CommandError, option_type
 from ..common.units import parse_tcp_listen
@@ -15,6 +16,8 @@ from .channel import ChannelError, TlsFiles
 from .migrate import MigrateError, MigrateOptions, migrate
 from .send import SendOptions, migrate_to
 from .ram import RAM_ID
+
+T = TypeVar("T")
 
 HELP = "live-migrate a QEMU VM: device state through QEMU, RAM through the postcopy swap device"
 DESCRIPTION = """\
@@ -95,14 +98,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_to(args)
     if any((args.tls_cert, args.tls_key, args.tls_ca, args.page_listen, args.prefetch_bandwidth, args.interface)):
         raise CommandError("--tls-*, --page-listen, --prefetch-bandwidth and --interface go with --to")
-    work_dir = make_work_dir(args.work_dir, "nbdpc-mig-")
-    options = MigrateOptions(args.source_qmp, args.destination_qmp, work_dir, memdev=args.memdev,
-                             release_source=not args.keep_source, quiet=args.quiet)
-    try:
-        report = migrate(options)
-    except MigrateError as exc:
-        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
-    release_work_dir(work_dir, args.work_dir is None, failed=False)
+    report = in_work_dir(args.work_dir, "nbdpc-mig-", lambda work_dir: migrate(MigrateOptions(
+        args.source_qmp, args.destination_qmp, work_dir, memdev=args.memdev, release_source=not args.keep_source,
+        quiet=args.quiet)))
     print(report.summary())
     return 0
 
@@ -114,20 +112,28 @@ def _run_to(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if args.interface and not args.prefetch_bandwidth:
         raise CommandError("--interface goes with --prefetch-bandwidth")
-    work_dir = make_work_dir(args.work_dir, "nbdpc-mig-")
     page_listen = (args.page_listen.host, args.page_listen.port) if args.page_listen else None
-    options = SendOptions(args.source_qmp, args.to.host, args.to.port, work_dir, tls=tls, page_listen=page_listen,
-                          prefetch_bandwidth=args.prefetch_bandwidth, interface=args.interface, memdev=args.memdev,
-                          release_source=not args.keep_source, quiet=args.quiet)
-    try:
-        report, details = migrate_to(options)
-    except (MigrateError, ChannelError) as exc:
-        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
-    release_work_dir(work_dir, args.work_dir is None, failed=False)
+    report, details = in_work_dir(args.work_dir, "nbdpc-mig-", lambda work_dir: migrate_to(SendOptions(
+        args.source_qmp, args.to.host, args.to.port, work_dir, tls=tls, page_listen=page_listen,
+        prefetch_bandwidth=args.prefetch_bandwidth, interface=args.interface, memdev=args.memdev,
+        release_source=not args.keep_source, quiet=args.quiet)), errors=(MigrateError, ChannelError))
     print(report.summary())
     print(f"source reconnects:         {details.get('reconnects', 0)} "
           f"({details.get('outage_seconds', 0.0):.1f} s without the source)")
     return 0
+
+
+def in_work_dir(given: Path | None, prefix: str, work: Callable[[Path], T],
+                errors: tuple[type[Exception], ...] = (MigrateError,)) -> T:
+    """`work(work_dir)` in the --work-dir given or a new one (make_work_dir), released afterwards
+    (release_work_dir); `errors` become a CommandError that also says where the work directory is."""
+    work_dir = make_work_dir(given, prefix)
+    try:
+        result = work(work_dir)
+    except errors as exc:
+        raise CommandError(f"{exc}{release_work_dir(work_dir, given is None, failed=True)}") from None
+    release_work_dir(work_dir, given is None, failed=False)
+    return result
 
 
 def make_work_dir(given: Path | None, prefix: str) -> Path:

@@ -1,7 +1,8 @@
-"""The destination side's steps that a migration (migrate.py, receive.py) and a restore (restore.py) share:
-talk to the waiting QEMU, attach the swap device, wait for the prefetcher, read the fault latency, detach.
+"""The steps that the drivers of a migration (migrate.py, send.py, receive.py), a snapshot (snapshot.py)
+and a restore (restore.py) share: talk to a QEMU, check a QEMU whose RAM is read from outside, attach
+the swap device, wait for the prefetcher, read the fault latency, detach.
 
-Each driver keeps its own phases and failure policy; these helpers do one step each and raise
+Each driver keeps its own steps' order and failure handling; these helpers do one step each and raise
 MigrateError with a message for the user.
 """
 
@@ -11,15 +12,18 @@ import logging
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, TextIO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..common.progress import Progress
 from ..common.qmp import Qmp, VmError
 from ..host import attachment
+from .ram import RamRegion, ram_region_of
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PREFETCH_STALL_SECONDS = 5.0
 
@@ -33,6 +37,42 @@ def connect(path: Path, role: str) -> Qmp:
         return Qmp(path, name=role)
     except VmError as exc:
         raise MigrateError(f"cannot talk to the {role} QEMU: {exc}") from None
+
+
+def drive(path: Path, role: str, run: Callable[[Qmp], T], fail: Callable[[Qmp, BaseException], None]) -> T:
+    """Connect to the QEMU at `path` and `run(qmp)`; on any failure `fail(qmp, exc)` first (it may raise
+    an error of its own), then the failure goes on. The connection is closed either way."""
+    qmp = connect(path, role)
+    try:
+        return run(qmp)
+    except BaseException as exc:
+        fail(qmp, exc)
+        raise
+    finally:
+        qmp.close()
+
+
+def check_shared_ram(qmp: Qmp, pid: int, memdev: str, qemu: str = "the source QEMU",
+                     owner: str = "the source") -> RamRegion:
+    """The guest RAM of a running QEMU whose RAM is read from outside (a migration source, a VM to
+    snapshot): it must be on a shared backend. `qemu` and `owner` name it in the messages."""
+    if (state := qmp.status()) != "running":
+        raise MigrateError(f"{qemu} (pid {pid}) is {state!r}, not running")
+    if not memdev_property(qmp, memdev, "share"):
+        raise MigrateError(f"{owner}'s memory backend {memdev!r} is not shared: start {owner} "
+                           "with memory-backend-file or memory-backend-memfd and share=on (see the README)")
+    try:
+        return ram_region_of(pid, qmp, memdev)
+    except VmError as exc:
+        raise MigrateError(str(exc)) from None
+
+
+def wait_migration_completed(qmp: Qmp, mark: int, timeout: float) -> None:
+    """Wait for the outgoing migration started after event position `mark`; MigrateError unless it completed."""
+    status = qmp.wait_migration(after=mark, timeout=timeout)
+    if status != "completed":
+        reason = qmp.query_migrate().get("error-desc", "QEMU gave no reason")
+        raise MigrateError(f"QEMU's migration {status}: {reason}")
 
 
 def memdev_property(qmp: Qmp, memdev: str, name: str):

@@ -47,7 +47,6 @@ from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
 from ..common.linux import free_port
 from .destination import (  # (also imported from here by receive.py and the tests)
-    PREFETCH_STALL_SECONDS,
     MigrateError,
     attach_device,
     connect as _connect,
@@ -58,6 +57,7 @@ from .destination import (  # (also imported from here by receive.py and the tes
     memdev_property as _memdev_property,
     wait_for_prefetch,
     wait_gone as _wait_gone,
+    wait_migration_completed,
 )
 from .ram import RAM_ID, RamRegion, ram_region_of
 from ..common.qmp import Qmp, QmpEvent, VmError
@@ -191,7 +191,62 @@ class PhaseError(RuntimeError):
     """A bug in the driver: it tried a phase transition the table does not allow ("wrong postcopy state")."""
 
 
-class _Migration:
+class PhasedDriver:
+    """A driver that goes through Phase (a migration, a restore): it keeps its phase, checked against
+    TRANSITIONS, prints its steps as "NAME: message" unless quiet, and keeps the destination swap
+    device it attaches (self.swap_name, .swap_state, .metrics_port; .attached, .device, .control)."""
+
+    name = "migrate"
+    what = "migration"
+    device_name = "the destination device"
+    phase: Phase
+    o: MigrateOptions
+    stream: TextIO
+    swap_name: str
+    swap_state: Path
+    metrics_port: int
+    attached = False  # kept by _attach_device and _detach (a failed detach leaves it True)
+    device: str | None = None  # the swap device and its control socket, once attached
+    control: Path | None = None
+
+    def _enter(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise PhaseError(f"wrong {self.what} phase: {self.phase.name} -> {phase.name}")
+        log.debug("phase %s -> %s", self.phase.name, phase.name)
+        self.phase = phase
+
+    def say(self, message: str) -> None:
+        if not self.o.quiet:
+            print(f"{self.name}: {message}", file=self.stream, flush=True)
+
+    def _failure_policy(self) -> Policy:
+        """What a failure now does (FAILURE_POLICY); a failure that is raised as it is ends the phases."""
+        policy = FAILURE_POLICY[self.phase]
+        if policy is Policy.RAISE and self.phase not in FINAL:
+            self._enter(Phase.FAILED)
+        return policy
+
+    def _attach_device(self, keys: list[str]) -> None:
+        swap = attach_device(keys, self.swap_name, self.swap_state)
+        self.attached = True
+        self.device, self.control = swap.state.device, Path(swap.state.control)
+
+    def _detach(self) -> None:
+        if self.attached and detach_device(self.swap_name):
+            self.attached = False
+
+    def _fault_latency(self) -> tuple[float | None, float | None]:
+        return fault_latency(self.metrics_port)
+
+    def _device(self, command: str) -> dict:
+        try:
+            return request(str(self.control), command)
+        except ControlError as exc:
+            raise MigrateError(f"{self.device_name} does not answer ({exc}); is its nbdkit still running? "
+                               f"see {self.swap_state / 'log'}") from None
+
+
+class _Migration(PhasedDriver):
     def __init__(self, options: MigrateOptions):
         self.o = options
         self.work = Path(options.work_dir)
@@ -204,20 +259,7 @@ class _Migration:
         self.server: subprocess.Popen | None = None
         self.swap_name = f"mig{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
-        self.attached = False  # kept by _attach and _detach (a failed detach leaves it True)
-        self.device: str | None = None  # the swap device and its control socket, once attached
-        self.control: Path | None = None
         self.metrics_port = free_port()
-
-    def _enter(self, phase: Phase) -> None:
-        if phase not in TRANSITIONS[self.phase]:
-            raise PhaseError(f"wrong migration phase: {self.phase.name} -> {phase.name}")
-        log.debug("phase %s -> %s", self.phase.name, phase.name)
-        self.phase = phase
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"migrate: {message}", file=self.stream, flush=True)
 
     def run(self) -> MigrationReport:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -301,10 +343,8 @@ class _Migration:
     def _fail(self, source: Qmp, destination: Qmp, exc: BaseException) -> None:
         """Act on a failure as the phase it happened in says (FAILURE_POLICY), and raise the error that
         tells the user what remains. Returns only to let the caller re-raise `exc` as it is."""
-        policy = FAILURE_POLICY[self.phase]
+        policy = self._failure_policy()
         if policy is Policy.RAISE:
-            if self.phase not in FINAL:
-                self._enter(Phase.FAILED)
             return
         if policy is Policy.ROLL_BACK:
             self._roll_back(source, destination, exc)
@@ -385,16 +425,7 @@ class _Migration:
         keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
                 f"metrics=127.0.0.1:{self.metrics_port}"]
         self.say(f"attaching the destination swap device ({self.swap_name})")
-        swap = attach_device(keys, self.swap_name, self.swap_state)
-        self.attached = True
-        self.device, self.control = swap.state.device, Path(swap.state.control)
-
-    def _device(self, command: str) -> dict:
-        try:
-            return request(str(self.control), command)
-        except ControlError as exc:
-            raise MigrateError(f"the destination device does not answer ({exc}); is its nbdkit still running? "
-                               f"see {self.swap_state / 'log'}") from None
+        self._attach_device(keys)
 
     def _switch_over(self, source: Qmp, destination: Qmp) -> tuple[float, QmpEvent, QmpEvent, dict]:
         for qmp in (source, destination):
@@ -411,10 +442,7 @@ class _Migration:
         destination.migrate_incoming(uri)
         started = time.monotonic()
         source.migrate(uri)
-        status = source.wait_migration(after=src_mark, timeout=300)
-        if status != "completed":
-            reason = source.query_migrate().get("error-desc", "QEMU gave no reason")
-            raise MigrateError(f"QEMU's migration {status}: {reason}")
+        wait_migration_completed(source, src_mark, 300)
         stop = source.wait_event("STOP", after=src_mark, timeout=10)
         try:
             resume = destination.wait_event("RESUME", after=dst_mark, timeout=60)
@@ -456,10 +484,3 @@ class _Migration:
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
-
-    def _detach(self) -> None:
-        if self.attached and detach_device(self.swap_name):
-            self.attached = False
-
-    def _fault_latency(self) -> tuple[float | None, float | None]:
-        return fault_latency(self.metrics_port)

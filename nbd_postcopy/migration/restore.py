@@ -14,16 +14,19 @@ QEMU's stream of device state comes from the snapshot's state file instead of a 
   5. the guest runs: wait for the prefetcher, save the first demand faults as DIR/workingset for the
      next restore, stop the page server, complete (pre-page every page) and detach.
 
-Failures follow FAILURE_POLICY: a refused snapshot or QEMU (CHECKING) leaves everything as it was;
-until the guest resumes, everything started is removed and the QEMU is told to quit (it cannot take a
-second incoming stream); after that the guest needs the page server until every page is local, so a
-failure leaves the page server and the swap device up and says how to finish, unless the QEMU is gone.
+A restore goes through a migration's phases (migrate.py: Phase, TRANSITIONS), its page server in the
+source's part (SWITCHING is the load of the device state, RELEASED the page server stopped once every
+page is local), and a failure does what migrate's FAILURE_POLICY says for its phase: a refused snapshot
+or QEMU (CHECKING) leaves everything as it was; until the guest resumes, everything started is removed
+and the QEMU is told to quit (it cannot take a second incoming stream); after that the guest needs the
+page server until every page is local, so a failure leaves the page server and the swap device up and
+says how to finish, unless the QEMU is gone; once the page server is stopped, the device holds every
+page and is left attached.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import logging
 import os
@@ -37,7 +40,6 @@ from typing import TextIO
 
 from ..common.linux import free_port
 from ..common.qmp import Qmp, VmError
-from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
 from ..device.workingset import RECORD_LIMIT, WorkingSetError, read_workingset, write_workingset
 from ..host import attachment
@@ -46,15 +48,13 @@ from ..host.staging import stage_range
 from . import snapshotdir
 from .destination import (
     MigrateError,
-    attach_device,
-    connect,
-    detach_device,
+    drive,
     exited,
-    fault_latency,
     memdev_property,
     wait_for_prefetch,
     wait_gone,
 )
+from .migrate import Phase, PhasedDriver, Policy
 from .pageserver import PageServerError, PageServerProcess
 from .ram import RamRegion, ram_region_of
 from .snapshot import machine_of
@@ -134,67 +134,10 @@ def restore(options: RestoreOptions) -> RestoreReport:
     return _Restore(options).run()
 
 
-# --- the phases ------------------------------------------------------------------------------------
+class _Restore(PhasedDriver):
+    name = what = "restore"
+    device_name = "the swap device"
 
-
-class Phase(enum.Enum):
-    """How far a restore got (entered as each step starts, like a migration's)."""
-
-    CHECKING = "checking the snapshot and the QEMU"
-    SERVING = "serving the snapshot's RAM"
-    ATTACHING = "attaching the swap device"
-    STAGING = "staging the guest RAM"
-    ARMING = "arming the device"
-    LOADING = "loading the device state"
-    RESUMED = "the guest runs and needs the page server"
-    COMPLETED = "every page is in the guest"
-    DETACHED = "the swap device is detached: done"
-    ROLLED_BACK = "rolled back"
-    FAILED = "failed after the resume (or refused before anything started)"
-
-
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    phase: frozenset(following)
-    for phase, following in {
-        Phase.CHECKING: {Phase.SERVING, Phase.FAILED},
-        Phase.SERVING: {Phase.ATTACHING, Phase.ROLLED_BACK},
-        Phase.ATTACHING: {Phase.STAGING, Phase.ROLLED_BACK},
-        Phase.STAGING: {Phase.ARMING, Phase.ROLLED_BACK},
-        Phase.ARMING: {Phase.LOADING, Phase.ROLLED_BACK},
-        Phase.LOADING: {Phase.RESUMED, Phase.ROLLED_BACK},
-        Phase.RESUMED: {Phase.COMPLETED, Phase.FAILED},
-        Phase.COMPLETED: {Phase.DETACHED, Phase.FAILED},
-        Phase.DETACHED: set(),
-        Phase.ROLLED_BACK: set(),
-        Phase.FAILED: set(),
-    }.items()
-}
-FINAL = frozenset(phase for phase, following in TRANSITIONS.items() if not following)
-
-
-class Policy(enum.Enum):
-    RAISE = "nothing to undo: raise the error as it is"
-    ROLL_BACK = "the QEMU is told to quit; the page server and the swap device are removed"
-    KEEP_SERVER = "the guest needs its pages: leave the page server and the swap device up " \
-                  "(unless the QEMU is gone: then remove them)"
-
-
-FAILURE_POLICY: dict[Phase, Policy] = {
-    Phase.CHECKING: Policy.RAISE,
-    Phase.SERVING: Policy.ROLL_BACK,
-    Phase.ATTACHING: Policy.ROLL_BACK,
-    Phase.STAGING: Policy.ROLL_BACK,
-    Phase.ARMING: Policy.ROLL_BACK,
-    Phase.LOADING: Policy.ROLL_BACK,
-    Phase.RESUMED: Policy.KEEP_SERVER,
-    Phase.COMPLETED: Policy.RAISE,
-    Phase.DETACHED: Policy.RAISE,
-    Phase.ROLLED_BACK: Policy.RAISE,
-    Phase.FAILED: Policy.RAISE,
-}
-
-
-class _Restore:
     def __init__(self, options: RestoreOptions):
         self.o = options
         self.snapshot = Path(options.directory).absolute()
@@ -206,30 +149,11 @@ class _Restore:
         self.server: PageServerProcess | None = None
         self.swap_name = f"rst{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
-        self.attached = False
-        self.control: Path | None = None
         self.metrics_port = free_port()
-
-    def _enter(self, phase: Phase) -> None:
-        if phase not in TRANSITIONS[self.phase]:
-            raise AssertionError(f"wrong restore phase: {self.phase.name} -> {phase.name}")  # a bug here
-        log.debug("phase %s -> %s", self.phase.name, phase.name)
-        self.phase = phase
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"restore: {message}", file=self.stream, flush=True)
 
     def run(self) -> RestoreReport:
         self.work.mkdir(parents=True, exist_ok=True)
-        qmp = connect(self.o.qmp, "restoring")
-        try:
-            return self._run(qmp)
-        except BaseException as exc:
-            self._fail(qmp, exc)
-            raise
-        finally:
-            qmp.close()
+        return drive(self.o.qmp, "restoring", self._run, self._fail)
 
     def _run(self, qmp: Qmp) -> RestoreReport:
         started = time.monotonic()
@@ -257,7 +181,7 @@ class _Restore:
             raise RestoreError("the device is not connected to the snapshot's page server")
         replay_seconds = self._wait_for_replay() if replay else 0.0
 
-        self._enter(Phase.LOADING)
+        self._enter(Phase.SWITCHING)
         self.say(f"loading the device state ({len(state)} bytes, x-ignore-shared)")
         loaded, resumed = self._load(qmp, state)
         self._enter(Phase.RESUMED)
@@ -274,8 +198,9 @@ class _Restore:
         status = self._device("status")
         local_after = time.monotonic() - resumed if status.get("complete") else None
         recorded = self._record(manifest, replay) if self.o.record else 0
-        if status.get("complete"):
+        if status.get("complete"):  # every page is local: the page server is not needed
             self.server.stop()
+            self._enter(Phase.RELEASED)
         completion = complete_range(self.pid, ram.address, ram.length, control=str(self.control),
                                     quiet=self.o.quiet, stream=self.stream)
         status = self._device("status")
@@ -283,7 +208,7 @@ class _Restore:
             raise RestoreError(f"completion ended but the device still has {status.get('remaining')} pages to fetch")
         self._enter(Phase.COMPLETED)
         self.server.stop()
-        faults = fault_latency(self.metrics_port)
+        faults = self._fault_latency()
         self._detach()
         self._enter(Phase.DETACHED)
         self.say("done: every page is in the guest and the swap device is detached")
@@ -309,10 +234,8 @@ class _Restore:
 
     def _fail(self, qmp: Qmp, exc: BaseException) -> None:
         """Act on a failure as FAILURE_POLICY says for its phase; returns to let the caller re-raise."""
-        policy = FAILURE_POLICY[self.phase]
+        policy = self._failure_policy()
         if policy is Policy.RAISE:
-            if self.phase not in FINAL:
-                self._enter(Phase.FAILED)
             return
         if policy is Policy.ROLL_BACK:
             self.say(f"failed ({exc}); rolling back")
@@ -326,14 +249,18 @@ class _Restore:
                 raise RestoreError(f"{exc}\nrolled back: the QEMU was told to quit, the page server and the swap "
                                    "device are gone; the snapshot is unchanged") from exc
             return
+        ram = self.ram
+        finish = attachment.detach_command(self.swap_name, self.pid, ram.address, ram.length)
         self._enter(Phase.FAILED)
+        if policy is Policy.KEEP_DEVICE:
+            raise RestoreError(
+                f"completion failed after every page was local: {exc}. Every page is on the swap device "
+                f"{self.swap_name}, which was left attached; finish with '{finish}'") from exc
         if exited(self.pid):
             self._stop_server()
             self._detach()
             raise RestoreError(f"the QEMU (pid {self.pid}) exited after the resume ({exc}); page server and swap "
                                "device removed; the snapshot is unchanged") from exc
-        ram = self.ram
-        finish = attachment.detach_command(self.swap_name, self.pid, ram.address, ram.length)
         raise RestoreError(
             f"the restore failed after the resume: {exc}. The guest runs and still needs its pages: the page "
             f"server (pid {self.server.pid}) and the swap device {self.swap_name} were left running; finish "
@@ -404,15 +331,7 @@ class _Restore:
             keys.append(f"replay={self.snapshot / snapshotdir.WORKINGSET}")
         self.say(f"attaching the swap device ({self.swap_name})"
                  + (f", replaying a working set of {len(replay)} pages" if replay else ""))
-        swap = attach_device(keys, self.swap_name, self.swap_state)
-        self.attached = True
-        self.device, self.control = swap.state.device, Path(swap.state.control)
-
-    def _device(self, command: str) -> dict:
-        try:
-            return request(str(self.control), command)
-        except ControlError as exc:
-            raise RestoreError(f"the device does not answer ({exc}); see {self.swap_state / 'log'}") from None
+        self._attach_device(keys)
 
     def _wait_for_replay(self) -> float:
         """Let the prefetcher pull the recorded working set before the guest runs (REAP's eager part)."""
@@ -451,7 +370,7 @@ class _Restore:
         """Save the working set for the next restore: the replayed record, then the pages it missed."""
         try:
             recorded = self._device("workingset")["recorded"]
-        except (RestoreError, KeyError) as exc:
+        except (MigrateError, KeyError) as exc:
             self.say(f"warning: no working set recorded ({exc})")
             return 0
         pages = list(replayed)
@@ -472,6 +391,3 @@ class _Restore:
         if self.server is not None:
             self.server.stop()
 
-    def _detach(self) -> None:
-        if self.attached and detach_device(self.swap_name):
-            self.attached = False

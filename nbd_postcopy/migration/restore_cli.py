@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..common.command import CommandError
-from .cli import make_work_dir, release_work_dir
-from .destination import MigrateError
+from .cli import in_work_dir
 from .restore import RestoreOptions, restore
 
 HELP = "resume a snapshot in a QEMU started with -incoming defer; its RAM arrives on demand"
@@ -49,13 +47,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    work_dir = make_work_dir(args.work_dir, "nbdpc-rst-")
-    options = RestoreOptions(args.directory, args.qmp, work_dir, replay=not args.no_replay,
-                             record=not args.no_record, quiet=args.quiet)
-    try:
-        report = restore(options)
-    except MigrateError as exc:
-        raise CommandError(f"{exc}{release_work_dir(work_dir, args.work_dir is None, failed=True)}") from None
-    release_work_dir(work_dir, args.work_dir is None, failed=False)
+    report = in_work_dir(args.work_dir, "nbdpc-rst-", lambda work_dir: restore(RestoreOptions(
+        args.directory, args.qmp, work_dir, replay=not args.no_replay, record=not args.no_record, quiet=args.quiet)))
     print(report.summary())
     return 0

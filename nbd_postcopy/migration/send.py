@@ -33,9 +33,10 @@ from ..common.qmp import Qmp, QmpEvent, VmError
 from ..common.units import bracket
 from ..source.shaping import PrefetchShaping, ShapingError, interface_towards
 from . import channel as ch
-from .migrate import MigrateError, MigrationReport, _connect, _memdev_property
+from .destination import check_shared_ram, wait_migration_completed
+from .migrate import MigrateError, MigrationReport, _connect
 from .pageserver import PageServerError, PageServerProcess
-from .ram import RAM_ID, RamRegion, ram_region_of
+from .ram import RAM_ID, RamRegion
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +176,7 @@ class Sender:
     # --- the steps -----------------------------------------------------------------------------------
 
     def _check(self, qmp: Qmp, src_pid: int) -> RamRegion:
-        if (state := qmp.status()) != "running":
-            raise MigrateError(f"the source QEMU (pid {src_pid}) is {state!r}, not running")
-        if not _memdev_property(qmp, self.o.memdev, "share"):
-            raise MigrateError(f"the source's memory backend {self.o.memdev!r} is not shared: start the source "
-                               "with memory-backend-file or memory-backend-memfd and share=on (see the README)")
-        try:
-            return ram_region_of(src_pid, qmp, self.o.memdev)
-        except VmError as exc:
-            raise MigrateError(str(exc)) from None
+        return check_shared_ram(qmp, src_pid, self.o.memdev)
 
     def _local_address(self) -> str:
         """This host's address on the route to the receiver (where the receiver can reach our page server)."""
@@ -211,10 +204,7 @@ class Sender:
         qmp.on_event(open_gate)
         started = time.monotonic()
         qmp.migrate(f"tcp:{bracket(self.o.host)}:{port}")
-        status = qmp.wait_migration(after=mark, timeout=MIGRATION_TIMEOUT)
-        if status != "completed":
-            reason = qmp.query_migrate().get("error-desc", "QEMU gave no reason")
-            raise MigrateError(f"QEMU's migration {status}: {reason}")
+        wait_migration_completed(qmp, mark, MIGRATION_TIMEOUT)
         stop = qmp.wait_event("STOP", after=mark, timeout=10)
         return started, stop, qmp.query_migrate()
 

@@ -32,8 +32,8 @@ from typing import TextIO
 
 from ..common.qmp import Qmp, VmError
 from . import snapshotdir
-from .destination import MigrateError, connect, memdev_property
-from .ram import RAM_ID, RamRegion, ram_region_of
+from .destination import MigrateError, check_shared_ram, drive, wait_migration_completed
+from .ram import RAM_ID, RamRegion
 from .snapshotdir import Manifest
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,7 @@ class _Snapshot:
             print(f"snapshot: {message}", file=self.stream, flush=True)
 
     def run(self) -> SnapshotReport:
-        qmp = connect(self.o.qmp, "snapshotted")
-        try:
-            return self._run(qmp)
-        except BaseException as exc:
-            self._fail(qmp, exc)
-            raise
-        finally:
-            qmp.close()
+        return drive(self.o.qmp, "snapshotted", self._run, self._fail)
 
     def _run(self, qmp: Qmp) -> SnapshotReport:
         started = time.monotonic()
@@ -150,15 +143,7 @@ class _Snapshot:
         )
 
     def _check(self, qmp: Qmp, pid: int) -> tuple[RamRegion, dict, str]:
-        if (state := qmp.status()) != "running":
-            raise MigrateError(f"the QEMU (pid {pid}) is {state!r}, not running")
-        if not memdev_property(qmp, self.o.memdev, "share"):
-            raise MigrateError(f"the memory backend {self.o.memdev!r} is not shared: start the VM with "
-                               "memory-backend-file or memory-backend-memfd and share=on (see the README)")
-        try:
-            ram = ram_region_of(pid, qmp, self.o.memdev)
-        except VmError as exc:
-            raise MigrateError(str(exc)) from None
+        ram = check_shared_ram(qmp, pid, self.o.memdev, qemu="the QEMU", owner="the VM")
         return ram, machine_of(qmp, ram.length), qemu_version(qmp)
 
     def _save_state(self, qmp: Qmp, path: Path) -> float:
@@ -176,10 +161,10 @@ class _Snapshot:
             reader.start()
             mark = qmp.mark()
             qmp.migrate(f"unix:{address}")
-            status = qmp.wait_migration(after=mark, timeout=STATE_TIMEOUT)
-            if status != "completed":
-                reason = qmp.query_migrate().get("error-desc", "QEMU gave no reason")
-                raise MigrateError(f"saving the device state failed: QEMU's migration {status}: {reason}")
+            try:
+                wait_migration_completed(qmp, mark, STATE_TIMEOUT)
+            except MigrateError as exc:
+                raise MigrateError(f"saving the device state failed: {exc}") from None
             reader.join(STATE_TIMEOUT)
             if reader.is_alive() or received:
                 raise MigrateError(f"writing the device state to {path} failed: "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,9 @@ from nbd_postcopy.migration.snapshot import SnapshotOptions, machine_of, snapsho
 from nbd_postcopy.migration.snapshotdir import Manifest
 from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
 from nbd_postcopy.testbench.vm import Vm
+from nbd_postcopy.host.attachment import State
 from tests.migration.test_migrate import _nothing_left
+from tests.swapdev import processes_mentioning, run_setup_swap
 
 MIB = 1 << 20
 
@@ -22,6 +27,15 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def guest_image():
     return prepare_guest()
+
+
+def _remove_what_a_failed_restore_left(run_dir: Path) -> None:
+    """A restore that fails after the resume leaves its swap device (and maybe its page server) up."""
+    for state in run_dir.glob("rst*/swap"):
+        run_setup_swap("detach", State.load(state).name, "--no-complete")
+    for pid in processes_mentioning(str(run_dir)):
+        if b" serve " in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
+            os.kill(pid, signal.SIGTERM)
 
 
 def _restored_guest_verifies(vm: Vm) -> None:
@@ -47,13 +61,16 @@ def test_snapshot_then_restore_twice_with_working_set_replay(guest_image, run_di
     assert [p.name for p in run_dir.glob("snap.partial-*")] == []
 
     reports = []
-    for number in (1, 2):
-        with Vm(guest_image, run_dir, name=f"dst{number}", memory_mib=256, ram="ram", incoming=True, append=append,
-                extra_qmp=1) as destination:
-            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst{number}",
-                                            quiet=True))
-            reports.append(report)
-            _restored_guest_verifies(destination)
+    try:
+        for number in (1, 2):
+            with Vm(guest_image, run_dir, name=f"dst{number}", memory_mib=256, ram="ram", incoming=True,
+                    append=append, extra_qmp=1) as destination:
+                report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst{number}",
+                                                quiet=True))
+                reports.append(report)
+                _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
     first, second = reports
     assert first.replayed_pages == 0 and first.recorded_pages > 0
     assert (snap / "workingset").read_text().startswith("# working set of the snapshot with RAM sha256 ")
@@ -92,6 +109,14 @@ def _swaps() -> str:
 @pytest.mark.slow
 @pytest.mark.root
 def test_a_damaged_or_unfitting_snapshot_is_refused_and_nothing_is_started(guest_image, run_dir, swap_lock):
+    try:
+        _refusals(guest_image, run_dir)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    _nothing_left(run_dir)
+
+
+def _refusals(guest_image, run_dir) -> None:
     with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, extra_qmp=1) as destination:
         machine = machine_of(destination.qmp, 128 * MIB)
         good = _fake_snapshot(run_dir, machine)
@@ -136,4 +161,3 @@ def test_a_damaged_or_unfitting_snapshot_is_refused_and_nothing_is_started(guest
         manifest.memdev = "mem1"
         (other_memdev / "manifest.json").write_text(manifest.to_json())
         refused(other_memdev, "has no memory backend 'mem1'")
-    _nothing_left(run_dir)
