@@ -124,7 +124,8 @@ class RestoreReport:
             f"{FIRST_SECONDS:g} s)",
             f"pages prefetched:          {self.pages_prefetch}",
             f"pages zero (no fetch):     {self.pages_without_fetch}",
-            f"fault latency p50 / p99:   <= {ms(self.fault_p50_ms)} / <= {ms(self.fault_p99_ms)}",
+            "fault latency p50 / p99:   " + ("n/a (no demand faults)" if self.fault_p50_ms is None else
+                                              f"<= {ms(self.fault_p50_ms)} / <= {ms(self.fault_p99_ms)}"),
             "working set recorded:      " + (f"{self.recorded_pages} pages (DIR/{snapshotdir.WORKINGSET})"
                                               if self.recorded_pages else "no"),
         ])

@@ -106,7 +106,7 @@ class _Snapshot:
         self.say(f"pausing the VM (QEMU pid {pid}) and saving its device state")
         qmp.execute("stop")
         self.paused_at = paused_at = time.monotonic()
-        state_seconds = self._save_state(qmp, self.partial / snapshotdir.STATE)
+        state_seconds = save_migration_stream(qmp, self.partial / snapshotdir.STATE)
         self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.path or 'through /proc/PID/mem'})")
         copy = self._copy_ram(pid, ram)
         if self.o.keep_running:
@@ -146,34 +146,6 @@ class _Snapshot:
         ram = check_shared_ram(qmp, pid, self.o.memdev, qemu="the QEMU", owner="the VM")
         return ram, machine_of(qmp, ram.length), qemu_version(qmp)
 
-    def _save_state(self, qmp: Qmp, path: Path) -> float:
-        """QEMU's migration stream (device state only) into `path`, through a Unix socket read here."""
-        started = time.monotonic()
-        socket_dir = Path(tempfile.mkdtemp(prefix="nbdpc-snap-"))  # short: a Unix socket path has 107 bytes
-        address = socket_dir / "state.sock"
-        listener = socket.socket(socket.AF_UNIX)
-        try:
-            listener.bind(str(address))
-            listener.listen(1)
-            listener.settimeout(STATE_TIMEOUT)
-            received: list[BaseException] = []
-            reader = threading.Thread(target=_receive_into, args=(listener, path, received), daemon=True)
-            reader.start()
-            mark = qmp.mark()
-            qmp.migrate(f"unix:{address}")
-            try:
-                wait_migration_completed(qmp, mark, STATE_TIMEOUT)
-            except MigrateError as exc:
-                raise MigrateError(f"saving the device state failed: {exc}") from None
-            reader.join(STATE_TIMEOUT)
-            if reader.is_alive() or received:
-                raise MigrateError(f"writing the device state to {path} failed: "
-                                   f"{received[0] if received else 'QEMU did not close the stream'}")
-        finally:
-            listener.close()
-            shutil.rmtree(socket_dir, ignore_errors=True)
-        return time.monotonic() - started
-
     def _copy_ram(self, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
         target = self.partial / snapshotdir.RAM
         if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
@@ -210,6 +182,37 @@ def machine_of(qmp: Qmp, ram_bytes: int) -> dict:
 def qemu_version(qmp: Qmp) -> str:
     q = qmp.execute("query-version")["qemu"]
     return f"{q['major']}.{q['minor']}.{q['micro']}"
+
+
+def save_migration_stream(qmp: Qmp, path: Path) -> float:
+    """Migrate the QEMU into file `path` (through a Unix socket read here: QEMU 7.2 has no file: URI, and
+    an exec: child may still be writing when QEMU reports completion); returns the seconds it took.
+    With x-ignore-shared set, the stream holds device state only."""
+    started = time.monotonic()
+    socket_dir = Path(tempfile.mkdtemp(prefix="nbdpc-snap-"))  # short: a Unix socket path has 107 bytes
+    address = socket_dir / "state.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(address))
+        listener.listen(1)
+        listener.settimeout(STATE_TIMEOUT)
+        received: list[BaseException] = []
+        reader = threading.Thread(target=_receive_into, args=(listener, path, received), daemon=True)
+        reader.start()
+        mark = qmp.mark()
+        qmp.migrate(f"unix:{address}")
+        try:
+            wait_migration_completed(qmp, mark, STATE_TIMEOUT)
+        except MigrateError as exc:
+            raise MigrateError(f"saving the device state failed: {exc}") from None
+        reader.join(STATE_TIMEOUT)
+        if reader.is_alive() or received:
+            raise MigrateError(f"writing the device state to {path} failed: "
+                               f"{received[0] if received else 'QEMU did not close the stream'}")
+    finally:
+        listener.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    return time.monotonic() - started
 
 
 def _receive_into(listener: socket.socket, path: Path, errors: list[BaseException]) -> None:

@@ -68,3 +68,18 @@ def test_bench_two_hosts_smoke(run_dir: Path):
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy", "nbd-postcopy, prefetch <= 80% of link"):
         assert f"| {method} | 1gbit | 128 | write |" in table
     assert (run_dir / "two_hosts.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bench_restore_smoke(run_dir: Path):
+    # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
+    argv = [sys.executable, BENCHMARKS / "bench_restore.py", "--sizes", "128", "--settle", "0.5", "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "restore.md").read_text()
+    assert "FAILED" not in table, table
+    for method in ("qemu -incoming (full stream file)", "nbd-postcopy restore, no record",
+                   "nbd-postcopy restore, replay of"):
+        assert f"| {method}" in table
+    assert (run_dir / "restore.csv").exists()
