@@ -63,6 +63,20 @@ def test_migrate_work_dir_that_is_a_file(run_dir):
     one_line_error(result, 1, f"--work-dir {afile} exists and is not a directory")
 
 
+def test_restore_of_a_directory_that_is_no_snapshot_says_so_before_it_talks_to_qemu(run_dir):
+    (run_dir / "empty").mkdir()
+    result = subprocess.run([*CLI, "restore", str(run_dir / "empty"), "--qmp", str(run_dir / "x.qmp")],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, TMPDIR=str(run_dir)))
+    one_line_error(result, 1, f"{run_dir / 'empty'} is not a snapshot: it has no manifest.json")
+    assert glob.glob(f"{run_dir}/nbdpc-rst-*") == []
+
+
+def test_snapshot_with_a_missing_qmp_socket_writes_nothing(run_dir):
+    result = run("snapshot", "--qmp", str(run_dir / "nope.qmp"), "--to", str(run_dir / "snap"))
+    one_line_error(result, 1, "cannot talk to the snapshotted QEMU")
+    assert sorted(p.name for p in run_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("rate", ["0", "nan", "-3", "inf"])
 def test_complete_refuses_a_bad_rate(rate):
     result = run("complete", "--pid", "1", "--address", "0x1000", "--length", "4096", "--rate-mib", rate)

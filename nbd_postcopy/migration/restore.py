@@ -153,14 +153,15 @@ class _Restore(PhasedDriver):
         self.metrics_port = free_port()
 
     def run(self) -> RestoreReport:
+        self.started = time.monotonic()
+        self.manifest, self.state = self._check_snapshot()  # before anything else, the QEMU too
+        self.verify_seconds = time.monotonic() - self.started
         self.work.mkdir(parents=True, exist_ok=True)
         return drive(self.o.qmp, "restoring", self._run, self._fail)
 
     def _run(self, qmp: Qmp) -> RestoreReport:
-        started = time.monotonic()
+        started, manifest, state, verify_seconds = self.started, self.manifest, self.state, self.verify_seconds
         self.pid = qmp.peer_pid()
-        manifest, state = self._check_snapshot()
-        verify_seconds = time.monotonic() - started
         ram = self.ram = self._check_qemu(qmp, manifest)
         replay = self._working_set(manifest) if self.o.replay else []
 
