@@ -222,7 +222,5 @@ def _receive_into(listener: socket.socket, path: Path, errors: list[BaseExceptio
             connection.settimeout(STATE_TIMEOUT)
             while chunk := connection.recv(1 << 20):
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
     except BaseException as exc:  # reported by the caller
         errors.append(exc)

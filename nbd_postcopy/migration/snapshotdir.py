@@ -162,8 +162,6 @@ def copy_sparse(source_fd: int, source_offset: int, length: int, target: Path, s
                     written += _write_nonzero_pages(out_fd, chunk, offset)
                 offset += count
         os.ftruncate(out_fd, length)
-        out.flush()
-        os.fsync(out_fd)
     return CopyStats(length, written, time.monotonic() - started)
 
 
@@ -214,28 +212,31 @@ def begin(directory: Path) -> Path:
 
 
 def finish(partial: Path, directory: Path, manifest: Manifest) -> None:
-    """Write the manifest last, make the files read-only, and rename the whole directory into place."""
+    """Flush the files to disk, write the manifest last, make the files read-only, and rename the whole
+    directory into place. (The copies are flushed here, not while they are written: that is while the VM
+    is paused.)"""
     for name in (RAM, STATE):
         os.chmod(partial / name, 0o444)
+        _fsync(partial / name)
     path = partial / MANIFEST
     with open(path, "w") as out:
         out.write(manifest.to_json())
         out.flush()
         os.fsync(out.fileno())
-    _fsync_directory(partial)
+    _fsync(partial, os.O_DIRECTORY)
     try:
         os.rename(partial, directory)  # replaces an empty directory, fails on a full one
     except OSError as exc:
         raise SnapshotError(f"cannot move the snapshot into {directory}: {exc.strerror}") from None
-    _fsync_directory(Path(directory).parent)
+    _fsync(Path(directory).parent, os.O_DIRECTORY)
 
 
 def abandon(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
