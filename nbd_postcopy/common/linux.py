@@ -29,6 +29,8 @@ MADV_PAGEOUT = 21
 
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
+SYS_MOVE_PAGES = 279  # x86_64
+MPOL_MF_MOVE = 1 << 1
 IOV_MAX = 1024
 # The kernel caps one vectored transfer at MAX_RW_COUNT (INT_MAX rounded down to a page).
 MAX_RW_COUNT = 0x7FFFF000
@@ -139,6 +141,24 @@ def write_proc_mem(pid: int, data: bytes | bytearray | memoryview, address: int)
 
 
 # --- /proc/PID/maps --------------------------------------------------------------------------------
+
+
+_drain_page = mmap.mmap(-1, PAGE_SIZE)  # one page of our own, for drain_lru_batches()
+
+
+def drain_lru_batches() -> bool:
+    """Drain every CPU's LRU batches (folio batches hold a reference to each page added to or moved on
+    an LRU list lately, which keeps such a page from being reclaimed), as page migration does before it
+    starts: move_pages(2) of one page of our own to the node it is on. False where move_pages is not
+    available (a kernel without NUMA)."""
+    _drain_page[0] = 1  # present
+    page = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(_drain_page)))
+    status = ctypes.c_int(-1)
+    if _libc.syscall(SYS_MOVE_PAGES, 0, ctypes.c_ulong(1), ctypes.byref(page), None, ctypes.byref(status), 0) != 0:
+        return False  # status query (no drain): ENOSYS without NUMA
+    node = ctypes.c_int(max(status.value, 0))
+    return _libc.syscall(SYS_MOVE_PAGES, 0, ctypes.c_ulong(1), ctypes.byref(page), ctypes.byref(node),
+                         ctypes.byref(status), MPOL_MF_MOVE) == 0
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

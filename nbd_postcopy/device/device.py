@@ -31,12 +31,13 @@ import threading
 import time
 import uuid as uuid_module
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import NamedTuple, Protocol
 
 from ..common.units import PAGE_SIZE
 from . import swapheader
 from ..common.linux import FileView, punch_hole
+from ..nbd.protocol import zero_runs
 from .markers import HEADER_SIZE, MarkerCodec, looks_like_marker
 from .metrics import DeviceMetrics
 
@@ -90,6 +91,7 @@ class Bitmap:
 
     __slots__ = ("bits", "size")
     _NONZERO = re.compile(b"[^\x00]")
+    _NOT_FULL = re.compile(b"[^\xff]")
 
     def __init__(self, size: int):
         self.size = size
@@ -148,6 +150,22 @@ class Bitmap:
                 if start >= end:
                     return -1
             if self.get(start):
+                return start
+            start += 1
+        return -1
+
+    def find_clear(self, start: int, end: int) -> int:
+        """The first clear index in [start, end), or -1."""
+        end = min(end, self.size)
+        while start < end:
+            if start & 7 == 0:
+                match = self._NOT_FULL.search(self.bits, start >> 3, (end + 7) >> 3)
+                if match is None:
+                    return -1
+                start = match.start() << 3
+                if start >= end:
+                    return -1
+            if not self.get(start):
                 return start
             start += 1
         return -1
@@ -269,7 +287,8 @@ class Device:
         self.anomalies = 0
         self.source_errors = 0
         self.source_refusals = 0  # connections refused: a server that is not the same source
-        self.fetched = {"demand": 0, "prefetch": 0}
+        self.fetched = {"demand": 0, "prefetch": 0}  # pages whose data came from the source
+        self.fetched_zero = 0  # pages fetched that were all zeros (a hole on the wire and in the page file)
         self.demand_source: PageSource | None = None
         self.demand_idle = threading.Event()  # set while no demand fetch is in flight
         self.demand_idle.set()
@@ -309,6 +328,7 @@ class Device:
                 "source_refusals": self.source_refusals,
                 "fetched_demand": self.fetched["demand"],
                 "fetched_prefetch": self.fetched["prefetch"],
+                "fetched_zero": self.fetched_zero,
             }
 
     def watch_metrics(self) -> None:
@@ -393,14 +413,24 @@ class Device:
                          pace: Callable[[], None] | None = None) -> int:
         """Ask the source which guest pages are all zeros; mapped slots holding them become local
         (their region of the page file is a hole). Returns the number of zero guest pages. `pace()`,
-        if given, runs before each block status request (the prefetcher lets demand fetches go first)."""
+        if given, runs before each block status request."""
+        steps = self.zero_page_steps(source, timeout)
+        while True:
+            if pace is not None:
+                pace()
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def zero_page_steps(self, source: PageSource, timeout: float | None = None) -> Generator[None, None, int]:
+        """learn_zero_pages() one block status request per step, so the prefetcher can interleave the
+        requests with its fetches (docs/DESIGN.md, "Zero pages"); returns the number of zero guest pages."""
         timeout = self.timeout if timeout is None else timeout
         end = self.pages * PAGE_SIZE
         offset = 0
         zero_pages = 0
         while offset < end:
-            if pace is not None:
-                pace()
             extents = source.block_status(offset, min(BLOCK_STATUS_CHUNK, end - offset), timeout)
             if not extents:
                 raise DeviceIOError(f"the source answered block status at {offset} with no extents")
@@ -414,6 +444,8 @@ class Device:
                             self._zero.set_range(first, last)
                         zero_pages += last - first
                 offset += length
+            if offset < end:
+                yield
         if zero_pages:
             self._settle_zero_slots()
         return zero_pages
@@ -484,6 +516,17 @@ class Device:
         self._store.write(slot, data)
         self._has_data.set_range(slot, slot + len(data) // PAGE_SIZE)
 
+    def _store_fetched(self, slot: int, data) -> int:
+        """Store fetched pages of slots that are waiting for them (so their page file region is a hole):
+        all-zero pages stay holes. Returns the number of zero pages."""
+        zero = 0
+        for start, end, is_zero in zero_runs(data):
+            if is_zero:
+                zero += (end - start) // PAGE_SIZE
+            else:
+                self._store_pages(slot + start // PAGE_SIZE, data[start:end])
+        return zero
+
     # --- I/O --------------------------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -532,7 +575,8 @@ class Device:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
         if runs:
             try:
-                self.fetch(runs, self.demand_source, "demand", self.timeout, out, first)
+                into = [out[(run.slot - first) * PAGE_SIZE : (run.slot - first + run.count) * PAGE_SIZE] for run in runs]
+                self.fetch(runs, self.demand_source, "demand", self.timeout, into)
             finally:
                 self._demand_finished()
             seconds = time.monotonic() - started
@@ -589,20 +633,19 @@ class Device:
         source: PageSource | None,
         reason: str,
         timeout: float,
-        out: memoryview | None = None,
-        out_first_slot: int = 0,
+        into: Sequence[memoryview] | None = None,
     ) -> None:
         """Fetch `runs` from `source` in one round trip and store the pages of slots that still map
-        to them; if `out` is given, each page also lands at its slot's place in `out` (received there)."""
+        to them. With `into`, run i is received into into[i] (the caller's memory: no allocation per
+        fetch, which costs fresh zeroed pages at this size), else into new bytes."""
         if source is None:
             raise DeviceIOError("no source connection")
         ranges = [(run.guest * PAGE_SIZE, run.count * PAGE_SIZE) for run in runs]
         try:
-            if out is None:
+            if into is None:
                 datas = source.read_many(ranges, timeout)
-            else:  # straight into the caller's buffer
-                datas = [out[(run.slot - out_first_slot) * PAGE_SIZE : (run.slot - out_first_slot + run.count) * PAGE_SIZE]
-                         for run in runs]
+            else:
+                datas = into
                 source.read_many_into(ranges, datas, timeout)
         except Exception as exc:
             with self._lock:
@@ -613,26 +656,30 @@ class Device:
                 reason, sum(r.count for r in runs), runs[0].guest, type(exc).__name__, exc,
             )
             raise DeviceIOError(f"fetch from the source failed: {exc}") from exc
-        stored = 0
+        stored = zero = 0
         with self._lock:
             for run, data in zip(runs, datas):
-                stored += self._store_run(run, data)
+                pages, zeros = self._store_run(run, data)
+                stored += pages - zeros
+                zero += zeros
             self.fetched[reason] += stored
+            self.fetched_zero += zero
         self._fetched_counters[reason].inc(stored)
         self.metrics.fetched_bytes.inc(sum(len(d) for d in datas))
         self._check_complete()
 
-    def _store_run(self, run: Run, data: bytes) -> int:
+    def _store_run(self, run: Run, data) -> tuple[int, int]:
         """Store the pages of `run` whose slot still maps to the same guest page and is not local yet
-        (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state)."""
+        (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state).
+        Returns (pages stored, how many of them were all zeros)."""
         end = run.slot + run.count
         if self._pending.count(run.slot, end) == run.count and self._consecutive_run_locked(run.slot, run.count) == run:
             # the usual case: nothing changed while the fetch was in flight
-            self._store_pages(run.slot, data)
+            zero = self._store_fetched(run.slot, data)
             self._pending.clear_range(run.slot, end)
             self.remaining -= run.count
-            return run.count
-        stored = 0
+            return run.count, zero
+        stored = zero = 0
         view = memoryview(data)
         i = 0
         while i < run.count:
@@ -640,15 +687,14 @@ class Device:
             while j < run.count and self._guest[run.slot + j] == run.guest + j + 1 and self._pending.get(run.slot + j):
                 j += 1
             if j > i:
-                self._store_pages(run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE])
-                for k in range(i, j):
-                    self._pending.clear(run.slot + k)
+                zero += self._store_fetched(run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE])
+                self._pending.clear_range(run.slot + i, run.slot + j)
                 self.remaining -= j - i
                 stored += j - i
                 i = j
             else:
                 i += 1
-        return stored
+        return stored, zero
 
     def pending_runs(self, start: int, end: int, max_runs: int, max_pages: int) -> list[Run]:
         """Up to `max_runs` runs (each at most `max_pages`) of mapped, not-yet-local slots in [start, end)."""
@@ -658,15 +704,12 @@ class Device:
         with self._lock:
             slot = self._pending.find(start, end)
             while slot >= 0 and len(runs) < max_runs:
+                limit = min(end, slot + max_pages)
+                stop = self._pending.find_clear(slot, limit)
+                count = (limit if stop < 0 else stop) - slot
                 guest = self._guest[slot] - 1
-                count = 1
-                while (
-                    count < max_pages
-                    and slot + count < end
-                    and self._pending.get(slot + count)
-                    and self._guest[slot + count] == guest + count + 1
-                ):
-                    count += 1
+                if count > 1 and self._guest[slot : slot + count] != array("I", range(guest + 1, guest + 1 + count)):
+                    count = next(i for i in range(1, count) if self._guest[slot + i] != guest + i + 1)
                 runs.append(Run(slot, guest, count))
                 slot = self._pending.find(slot + count, end)
         return runs

@@ -7,6 +7,9 @@ Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
      faults on a page soon wants its neighbours; staging pages a range out in address order, so
      neighbouring slots hold neighbouring guest pages);
   2. then a sweep over all slots, resuming where it stopped.
+Zero pages: until the source has reported the whole image, one block status request goes out before
+each batch, so fetching starts at once while large holes are still skipped as soon as they are learned;
+zero pages inside a fetched run arrive as holes anyway and stay holes in the page file.
 Pacing, demand first: a batch (and each block status request that learns zero pages) waits for a gap in
 demand: no demand fetch in flight and none finished in the last DEMAND_QUIET seconds, since a guest
 faulting in its working set faults again within a millisecond or so, and on a busy 2-core host every
@@ -24,7 +27,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
+from ..common.units import PAGE_SIZE
 from .device import Device, DeviceIOError, PageSource, Run
 from .workingset import REPLAY_SPAN
 
@@ -152,6 +157,8 @@ class Prefetcher:
         self.learn_zeros = learn_zeros
         self.scheduler = PrefetchScheduler(device)
         self.controller = RateController()
+        # every batch is received here
+        self._buffer = memoryview(bytearray(self.controller.max_window * self.scheduler.run_pages * PAGE_SIZE))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         device.add_fault_listener(self._on_fault)
@@ -178,17 +185,22 @@ class Prefetcher:
         if self.replay:
             self._replay_working_set()
         self.replay_done.set()
-        if self.learn_zeros:
-            self._learn_zero_pages()
         log.info("prefetching %d pages", self.device.remaining)
+        learning = self._learn_zero_pages() if self.learn_zeros else None
         while not self._stop.is_set():
             gap = self._wait_for_demand_gap()
+            if learning is not None:
+                try:
+                    next(learning)
+                except StopIteration:
+                    learning = None
             runs = self.scheduler.next_runs(self.controller.window if gap else 1)
             if not runs:  # everything is local (or being fetched on demand): wait for new mappings
-                self._stop.wait(IDLE_POLL)
+                if learning is None:
+                    self._stop.wait(IDLE_POLL)
                 continue
             try:
-                self.device.fetch(runs, self.source, "prefetch", self.timeout)
+                self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
             except DeviceIOError:
                 self._stop.wait(RETRY_PAUSE)
                 continue
@@ -209,13 +221,21 @@ class Prefetcher:
             if not runs:
                 break
             try:
-                self.device.fetch(runs, self.source, "prefetch", self.timeout)
+                self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
             except DeviceIOError:
                 self._stop.wait(RETRY_PAUSE)  # those runs are left to the sweep
                 continue
             self.controller.after_batch(time.monotonic())
         log.info("replayed a working set of %d guest pages (%d mapped): %d pages fetched in %.2fs", len(self.replay),
                  len(slots), self.device.fetched["prefetch"] - fetched, time.monotonic() - started)
+
+    def _receive_views(self, runs: list[Run]) -> list[memoryview]:
+        views, start = [], 0
+        for run in runs:
+            end = start + run.count * PAGE_SIZE
+            views.append(self._buffer[start:end])
+            start = end
+        return views
 
     def _wait_for_demand_gap(self) -> bool:
         """Wait until demand is quiet (see the module doc); False if DEMAND_YIELD ran out first."""
@@ -234,10 +254,13 @@ class Prefetcher:
             self._stop.wait(min(quiet_left, deadline - now))
         return True
 
-    def _learn_zero_pages(self) -> None:
+    def _learn_zero_pages(self) -> Iterator[None]:
+        """The device's zero page learning, one block status request per step: the prefetcher takes a
+        step before each batch, so fetching starts at once and large holes are skipped as soon as
+        learned (docs/DESIGN.md, "Zero pages")."""
         started = time.monotonic()
         try:
-            zero = self.device.learn_zero_pages(self.source, self.timeout, pace=self._wait_for_demand_gap)
+            zero = yield from self.device.zero_page_steps(self.source, self.timeout)
         except Exception as exc:  # block status is an optimisation: fetching zero pages is still correct
             log.warning("could not learn zero pages from the source (%s: %s); fetching them", type(exc).__name__, exc)
             return

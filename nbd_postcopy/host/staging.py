@@ -353,6 +353,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
                     break
                 log.info("verify: %d pages still in the swap cache; fallback again", len(cached))
                 time.sleep(0.1 * (attempt + 1))  # give per-CPU LRU batches time to drain before the next round
+                linux.drain_lru_batches()  # and drain them on every CPU (docs/DESIGN.md, "Swap cache after staging")
             else:
                 raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would "
                                    f"not reach the device): {_describe(cached, address)}")
@@ -410,6 +411,7 @@ def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pa
                 view.record_frames(frames, pages)
                 pageout(pidfd, address, pages)
             wait_for_writeback(memcg, include_global=True)
+            linux.drain_lru_batches()
             memcg.purge()
             pages = _leftovers(view, frames)
             log.info("fallback on CPU %d: %d pages left", cpu, len(pages))

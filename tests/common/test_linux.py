@@ -167,3 +167,9 @@ def test_progress_redraws_on_a_terminal():
     bar.update(200)
     bar.finish()
     assert "\r\x1b[Kpaging: 200/200 pages in " in out.getvalue() and out.getvalue().endswith("pages/s)\n")
+
+
+def test_drain_lru_batches_reaches_the_kernel():
+    """move_pages(2) of our own page to its own node: the kernel drains every CPU's LRU batches first
+    (this machine has NUMA, so the call must succeed here; staging relies on it between verify rounds)."""
+    assert linux.drain_lru_batches() is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
 
@@ -360,6 +361,19 @@ def test_bitmap_find_and_set_range():
     assert empty.find(1, 1 << 16) == 60000 and empty.find(1, 60000) == -1
 
 
+def test_bitmap_find_clear_agrees_with_get():
+    rng = random.Random(7)
+    for _ in range(200):
+        bitmap = Bitmap(300)
+        for _ in range(rng.randrange(4)):
+            start = rng.randrange(300)
+            bitmap.set_range(start, rng.randrange(start, 301))
+        start = rng.randrange(300)
+        end = rng.randrange(start, 301)
+        expected = next((i for i in range(start, end) if not bitmap.get(i)), -1)
+        assert bitmap.find_clear(start, end) == expected
+
+
 def test_memory_per_page_is_small(tmp_path):
     pages = 1 << 20  # 4 GiB guest
     device = Device(pages, MarkerCodec(KEY), cache_dir=str(tmp_path), metrics=DeviceMetrics())
@@ -413,7 +427,7 @@ def test_one_page_store_agrees_with_the_run_store(tmp_path, change):
         elif change == "overwritten":
             device.write(b"\x55" * P, 3 * P)
         with device._lock:
-            stored = device._store_run(Run(3, 10, pages), image[10 * P : (10 + pages) * P])
+            stored, _ = device._store_run(Run(3, 10, pages), image[10 * P : (10 + pages) * P])
         results.append((stored - (pages - 1), device.remaining + (pages - 1), device.read(3 * P, P)))
     assert results[0] == results[1]
     assert results[0][0] == (1 if change == "none" else 0)
