@@ -59,6 +59,7 @@ from nbd_postcopy.device.control import request  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
 
 PLUGIN = REPO / "plugin" / "postcopy.py"
+SERVE_ARGV = [sys.executable, "-m", "nbd_postcopy.cli", "serve"]  # this checkout's, with no venv on PATH
 CHUNK = 8 << 20  # bytes per staging write
 SPACING = 300  # slots between two measured reads (more than a fault's prefetch neighbourhood)
 WARM_UP = 200  # unmeasured reads before each row's measured reads in a round
@@ -222,7 +223,7 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: 
     offsets = [slot * P for slot in slots[:reads]]
 
     source_port = free_port()
-    source = ["nbd-postcopy", "serve", "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
+    source = [*SERVE_ARGV, "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
     with process(source, source_port, work / "source.log"):
         with contextlib.ExitStack() as servers:
             memory_port = free_port()
@@ -326,7 +327,7 @@ def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
         with open(image, "wb") as f:
             f.truncate(mib << 20)
         source_port = free_port()
-        source = ["nbd-postcopy", "serve", "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
+        source = [*SERVE_ARGV, "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
         with process(source, source_port, work / "source-rss.log"):
             port = free_port()
             control = work / "ctl-rss.sock"
@@ -398,7 +399,7 @@ def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> No
 def swapin_run(label: str, run_dir: Path, processes, mib: int, pages: list[int], think_us: float,
                keys: dict | None, standin: str | None, codec: MarkerCodec) -> tuple[list[float], int, int]:
     """Stage a fresh toucher onto the device, arm it (postcopy), time the first touches of `pages` after
-    TOUCH_WARM_UP unmeasured ones; (latencies µs, major faults, demand fetches or -1)."""
+    TOUCH_WARM_UP unmeasured ones; (latencies µs, their major faults, their demand-fetched pages or -1)."""
     from nbd_postcopy.host.staging import stage_range
     from tests.swapdev import attached_postcopy_swap
 
@@ -410,9 +411,10 @@ def swapin_run(label: str, run_dir: Path, processes, mib: int, pages: list[int],
             request(control, "arm")
         toucher.time(pages[:TOUCH_WARM_UP], think_us)
         faults = toucher.major_faults()
+        demand = request(control, "status")["fetched_demand"] if control else 0
         measured = toucher.time(pages[TOUCH_WARM_UP:], think_us)
         faults = toucher.major_faults() - faults
-        demand = request(control, "status")["fetched_demand"] if control else -1
+        demand = request(control, "status")["fetched_demand"] - demand if control else -1
         toucher.exit()
     print(f"  {label}: p50 {percentile(measured, 0.5):.0f} µs, p99 {percentile(measured, 0.99):.0f} µs "
           f"({len(measured)} touches, {faults} major faults)", flush=True)
@@ -503,7 +505,7 @@ def bench_cpu(work: Path, mib: int) -> Table:
     with contextlib.ExitStack() as stack:
         source_socket, plugin_socket, control = work / "bulk-src.sock", work / "bulk-plugin.sock", work / "ctl-bulk.sock"
         serve = stack.enter_context(unix_process(
-            ["nbd-postcopy", "serve", "--file", image, "--listen", f"unix:{source_socket}"], source_socket,
+            [*SERVE_ARGV, "--file", image, "--listen", f"unix:{source_socket}"], source_socket,
             work / "bulk-source.log"))
         plugin = stack.enter_context(unix_process(
             ["nbdkit", "-f", "-U", plugin_socket, "python", PLUGIN, f"source=nbd+unix:///?socket={source_socket}",

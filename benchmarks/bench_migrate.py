@@ -209,7 +209,7 @@ def probe_rows(runs: list[Row]) -> list[list[str | int | float]]:
             row += [
                 early["seconds"], early["demand"], early["prefetch"],
                 f"{early['demand'] / fetched:.1%}" if fetched else "n/a", early["pswpin"],
-                f"{min(early['demand'], early['pswpin']) / early['pswpin']:.1%}" if early["pswpin"] else "n/a",
+                f"{early['demand'] / early['pswpin']:.1%}" if early["pswpin"] else "n/a",
                 early["majflt"], " / ".join(str(n) for n in early["demand_by_half_second"]),
             ]  # fmt: skip
         rows.append(row)
