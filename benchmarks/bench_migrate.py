@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import math
 import os
 import shutil
 import sys
@@ -226,31 +227,39 @@ def plot(runs: list[Row], path: Path) -> Path | None:
     except ImportError:
         return None
     keys = list(dict.fromkeys((r.size_mib, r.workload) for r in runs))
-    figure, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 4), squeeze=False)
-    for axis, (size, workload) in zip(axes[0], keys):
+    workloads = list(dict.fromkeys(r.workload for r in runs))
+    columns = min(3, len(keys) + 1)
+    lines = math.ceil((len(keys) + 1) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4.2 * lines), squeeze=False)
+    panels = list(axes.flat)
+    colours = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    for axis, (size, workload) in zip(panels, keys):
         for run in runs:
             if (run.size_mib, run.workload) == (size, workload) and run.gaps:
                 times, gaps = zip(*run.gaps)
-                axis.step(times, gaps, where="pre", linewidth=1, label=run.method)  # a gap spans its interval
-        axis.set_title(f"{size} MiB, {workload}: heartbeat gaps")
+                axis.step(times, gaps, where="pre", linewidth=1, color=colours[run.method], label=run.method)
+        axis.set_title(f"{size} MiB, {workload}: gaps between guest heartbeats")
         axis.set_xlabel("seconds after the source stopped")
-        axis.set_ylabel("gap between guest heartbeats (ms)")
+        axis.set_ylabel("heartbeat gap (ms)")
         axis.set_xlim(left=-1)
         axis.legend(fontsize="small")
-    axis = axes[0][-1]
+    axis = panels[len(keys)]
     sizes = sorted({r.size_mib for r in runs})
     for method in METHODS:
-        for workload in dict.fromkeys(r.workload for r in runs):
+        for workload, style in zip(workloads, ("-", "--")):
             points = sorted((r.size_mib, r.total_ms / 1000) for r in runs
                             if r.method == method and r.workload == workload and isinstance(r.total_ms, float | int))
             if points:
-                axis.plot(*zip(*points), marker="o", label=f"{method}, {workload}")
+                axis.plot(*zip(*points), style, marker="o", color=colours[method], label=f"{method}, {workload}")
     axis.set_xscale("log", base=2)
     axis.set_xticks(sizes, [str(s) for s in sizes])
+    axis.minorticks_off()
     axis.set_xlabel("guest MiB")
     axis.set_ylabel("total time (s)")
     axis.set_title("total time (nbd-postcopy: to source release)")
     axis.legend(fontsize="small")
+    for axis in panels[len(keys) + 1:]:
+        axis.set_visible(False)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -286,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
 
     table = Table("Migration of the checker guest", COLUMNS, [r.cells() for r in runs])
-    ratios = Table("Against issue 12's targets (ratios from this run)", RATIO_COLUMNS, ratio_rows(runs))
-    probes = Table("nbd-postcopy: CPU per GiB fetched and demand faults right after the switchover",
+    ratios = Table("Against issue 12's targets", RATIO_COLUMNS, ratio_rows(runs))
+    probes = Table("nbd-postcopy CPU and early faults",
                    PROBE_COLUMNS, probe_rows(runs))
     for extra in (ratios, probes):
         print(extra.markdown(), flush=True)
