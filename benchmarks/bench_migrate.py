@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         "postcopy's (moonshot <= postcopy+preempt's), each against the same run.",
         "CPU: utime+stime from /proc/PID/stat of nbdkit (hosting plugin/postcopy.py) and of `nbd-postcopy serve`, "
         "taken at the source's QMP STOP event and at the last sample (every 50 ms) in which the page server was "
-        "alive, i.e. at the source's release; per GiB of pages fetched (demand + prefetch). nbdfuse beside it. "
+        "alive, i.e. at the source's release, before completion; per GiB of pages fetched (demand + prefetch). "
+        "nbdkit's share includes answering the guest's swap-ins of pages already local in that window. nbdfuse "
+        "beside it. "
         "QEMU's own CPU is not reported: under TCG it is the guest's vCPU, which one process figure cannot separate.",
         f"Early faults: from the first sample after the destination's RESUME event, for {WINDOW:g} s or until the "
         "prefetcher had every page (after that completion pre-pages and pswpin no longer counts the guest's "
