@@ -644,7 +644,7 @@ def main() -> int:
         "reads the same number of bytes through them to null: (the consumer's own CPU, nbdcopy, not counted; "
         "the prefetcher's is, inside nbdkit)",
     ]
-    notes.insert(1, "command: .venv/bin/python benchmarks/bench_device.py " + " ".join(sys.argv[1:]))
+    notes.insert(1, "command: .venv/bin/python benchmarks/bench_device.py " + (" ".join(sys.argv[1:]) or "(the defaults)"))
     for path in write_results("device", "Destination device: plugin/postcopy.py vs nbdkit memory", notes, tables,
                               args.results_dir):
         print(f"wrote {path}")
