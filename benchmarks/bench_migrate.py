@@ -160,8 +160,11 @@ def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
     for size, workload in dict.fromkeys((r.size_mib, r.workload) for r in runs):
         ours, qemu, preempt = (by_key.get((size, workload, m))
                                for m in ("nbd-postcopy", "qemu postcopy", "qemu postcopy+preempt"))
-        if ours is None or qemu is None:
-            rows.append([size, workload] + ["n/a"] * 8)
+        if ours is None or qemu is None:  # a failed run: show what there is
+            rows.append([size, workload, "n/a" if ours is None else ours.total_ms,
+                         "n/a" if qemu is None else qemu.total_ms, "n/a", "n/a (a run failed)",
+                         "n/a" if ours is None else ours.stall_ms, "n/a" if qemu is None else qemu.stall_ms,
+                         "n/a" if preempt is None else preempt.stall_ms, "n/a (a run failed)"])
             continue
         total = ours.total_ms / qemu.total_ms
         stall_vs_qemu = ours.stall_ms / qemu.stall_ms
