@@ -12,17 +12,29 @@
 2. The same demand reads while the prefetcher runs flat out (one run after the rounds, started once it
    fetches pages; reads go to the far end of the sweep, so they are still demand fetches).
 3. The plugin's resident memory (VmRSS) after staging every page, at several guest sizes.
+4. Demand swap-in through the kernel (needs root; holds the test suite's swap lock): a process's fresh
+   memory staged onto the real swap device (loop + nbdfuse + nbdkit + plugin, prefetch off, fetching
+   from `nbd-postcopy serve` on a Unix socket), then touched one page at a time at random with
+   --think-us between touches, each first touch timed (a major fault): p50/p99, beside the SAME kernel
+   path with nbdkit's C `nbd` plugin in front of nbdkit's C `memory` plugin (two hops, no Python).
+5. CPU seconds per GiB fetched (utime + stime, /proc/PID/stat): nbdkit with the plugin plus
+   `nbd-postcopy serve` while the prefetcher pulls a whole staged device with nothing else running,
+   beside nbdkit's C nbd -> nbdkit memory chain moving the same bytes to `nbdcopy ... null:`.
 
 Targets (issue 3): p50 <= 2x the C memory plugin; p99 with prefetch running <= 2x p99 idle;
-about 8 bytes of state per guest page.
+about 8 bytes of state per guest page. Issue 12: through-the-kernel swap-in p50 <= 1.5x the C two-hop
+chain; CPU per GiB fetched at most half of the committed figure, reported beside the C chain.
 
-    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--think-us 1000] [--rounds 3] [--rss-sizes 256,1024,4096]
+    .venv/bin/python benchmarks/bench_device.py [--guest-mib 1024] [--reads 1000] [--think-us 1000] [--rounds 3]
+        [--rss-sizes 256,1024,4096] [--swapin-mib 128] [--touches 500] [--swapin-rounds 2] [--bulk-mib 1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import json
 import os
 import random
 import shutil
@@ -40,12 +52,14 @@ import nbd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import RESULTS_DIR, Cell, Table, machine_context, write_results  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import RESULTS_DIR, Cell, Table, cpu_seconds, machine_context, met, percentile, write_results  # noqa: E402
 from nbd_postcopy.common.units import PAGE_SIZE as P  # noqa: E402
 from nbd_postcopy.device.control import request  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
 
 PLUGIN = REPO / "plugin" / "postcopy.py"
+SERVE_ARGV = [sys.executable, "-m", "nbd_postcopy.cli", "serve"]  # this checkout's, with no venv on PATH
 CHUNK = 8 << 20  # bytes per staging write
 SPACING = 300  # slots between two measured reads (more than a fault's prefetch neighbourhood)
 WARM_UP = 200  # unmeasured reads before each row's measured reads in a round
@@ -209,7 +223,7 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: 
     offsets = [slot * P for slot in slots[:reads]]
 
     source_port = free_port()
-    source = ["nbd-postcopy", "serve", "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
+    source = [*SERVE_ARGV, "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
     with process(source, source_port, work / "source.log"):
         with contextlib.ExitStack() as servers:
             memory_port = free_port()
@@ -313,7 +327,7 @@ def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
         with open(image, "wb") as f:
             f.truncate(mib << 20)
         source_port = free_port()
-        source = ["nbd-postcopy", "serve", "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
+        source = [*SERVE_ARGV, "--file", image, "--listen", f"tcp:127.0.0.1:{source_port}"]
         with process(source, source_port, work / "source-rss.log"):
             port = free_port()
             control = work / "ctl-rss.sock"
@@ -337,6 +351,232 @@ def bench_rss(work: Path, sizes_mib: list[int]) -> Table:
                  ["guest MiB", "pages", "VmRSS at start MiB", "VmRSS staged MiB", "bytes per extra guest page"], rows)
 
 
+# --- 4. demand swap-in through the kernel --------------------------------------------------------------
+
+SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
+TOUCHER = REPO / "benchmarks" / "toucher.py"
+TOUCH_SPACING = 32  # pages between two touched pages: beyond the swap readahead window (vm.page-cluster)
+TOUCH_WARM_UP = 20  # unmeasured first touches of each run
+KERNEL_POSTCOPY = "postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve"
+KERNEL_FLOOR = "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)"
+
+
+class Toucher:
+    """benchmarks/toucher.py: fresh anonymous memory that times its own first touches."""
+
+    def __init__(self, processes, mib: int):
+        self.proc = processes.start([sys.executable, TOUCHER, "--mib", mib], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        hello = json.loads(self.proc.stdout.readline() or "{}")
+        if "pid" not in hello:
+            raise RuntimeError(f"toucher did not start (exit status {self.proc.poll()})")
+        self.pid, self.address, self.length = hello["pid"], hello["address"], hello["length"]
+
+    def time(self, pages: list[int], think_us: float) -> list[float]:
+        self.proc.stdin.write(f"time {think_us} {','.join(map(str, pages))}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["us"]
+
+    def major_faults(self) -> int:
+        return int(Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[9])
+
+    def exit(self) -> None:
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {path}")
+        time.sleep(0.05)
+
+
+def swapin_run(label: str, run_dir: Path, processes, mib: int, pages: list[int], think_us: float,
+               keys: dict | None, standin: str | None, codec: MarkerCodec) -> tuple[list[float], int, int]:
+    """Stage a fresh toucher onto the device, arm it (postcopy), time the first touches of `pages` after
+    TOUCH_WARM_UP unmeasured ones; (latencies µs, their major faults, their demand-fetched pages or -1)."""
+    from nbd_postcopy.host.staging import stage_range
+    from tests.swapdev import attached_postcopy_swap
+
+    with attached_postcopy_swap(run_dir, keys or {}, standin=standin) as swap:
+        toucher = Toucher(processes, mib)
+        control = str(swap.control) if keys else None
+        stage_range(toucher.pid, toucher.address, toucher.length, codec, swap.device, control=control, quiet=True)
+        if control:
+            request(control, "arm")
+        toucher.time(pages[:TOUCH_WARM_UP], think_us)
+        faults = toucher.major_faults()
+        demand = request(control, "status")["fetched_demand"] if control else 0
+        measured = toucher.time(pages[TOUCH_WARM_UP:], think_us)
+        faults = toucher.major_faults() - faults
+        demand = request(control, "status")["fetched_demand"] - demand if control else -1
+        toucher.exit()
+    print(f"  {label}: p50 {percentile(measured, 0.5):.0f} µs, p99 {percentile(measured, 0.99):.0f} µs "
+          f"({len(measured)} touches, {faults} major faults)", flush=True)
+    return measured, faults, demand
+
+
+def bench_swapin(mib: int, touches: int, think_us: float, rounds: int) -> Table:
+    from tests import servers
+    from tests.conftest import Processes
+
+    pages_all = list(range(0, mib * 256, TOUCH_SPACING))
+    random.Random(7).shuffle(pages_all)
+    pages = pages_all[: touches + TOUCH_WARM_UP]
+    run_dir = Path(tempfile.mkdtemp(prefix="nbdpc-b-", dir="/tmp"))  # short: Unix sockets live here
+    processes = Processes()
+    results: dict[str, list[tuple[list[float], int, int]]] = {KERNEL_POSTCOPY: [], KERNEL_FLOOR: []}
+    page_cluster = Path("/proc/sys/vm/page-cluster").read_text().strip()
+    print(f"demand swap-in through the kernel, {mib} MiB staged, {touches} touches {think_us:g} µs apart "
+          f"(vm.page-cluster {page_cluster}):", flush=True)
+    try:
+        keyfile = run_dir / "key"
+        keyfile.write_bytes(os.urandom(32))
+        codec = MarkerCodec.from_file(keyfile)
+        image = run_dir / "ram.img"
+        servers.write_image(image, mib << 20)
+        slots = mib * 256 + max(4096, mib * 256 // 32) + 1
+        memory_socket = run_dir / "memory.sock"
+        memory = processes.start(["nbdkit", "-f", "-U", memory_socket, "memory", f"size={slots * P}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_socket(memory_socket, memory)
+        with open(SWAP_LOCK, "w") as lock, servers.serve("nbd-postcopy", run_dir, image=image) as source:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            keys = {"source": source.uri("unix"), "size": mib << 20, "key": keyfile, "prefetch": "off"}
+            runs = {KERNEL_POSTCOPY: (keys, None), KERNEL_FLOOR: (None, f"nbd socket={memory_socket}")}
+            for r in range(rounds):  # alternating, so that a change of load hits both alike
+                for label in list(runs)[r % 2:] + list(runs)[: r % 2]:
+                    results[label].append(swapin_run(label, run_dir, processes, mib, pages, think_us, *runs[label],
+                                                     codec))
+    finally:
+        processes.stop_all()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    rows: list[list[Cell]] = []
+    p50s = {}
+    for label, per_round in results.items():
+        p50s[label] = statistics.median(percentile(lat, 0.5) for lat, _, _ in per_round)
+        p99 = statistics.median(percentile(lat, 0.99) for lat, _, _ in per_round)
+        each = " / ".join(f"{percentile(lat, 0.5):.0f}" for lat, _, _ in per_round)
+        faults = " / ".join(str(f) for _, f, _ in per_round)
+        demand = " / ".join(str(d) for _, _, d in per_round) if label == KERNEL_POSTCOPY else "-"
+        rows.append([label, p50s[label], p99, each, f"{touches} x {len(per_round)}", faults, demand])
+    ratio = p50s[KERNEL_POSTCOPY] / p50s[KERNEL_FLOOR]
+    print(f"  ratio p50 postcopy / C floor: {ratio:.2f}x (target <= 1.5x, {met(ratio, 1.5)})", flush=True)
+    rows.append([f"ratio of p50: postcopy / C floor {ratio:.2f}x (issue 12 target <= 1.5x, {met(ratio, 1.5)})",
+                 "", "", "", "", "", ""])
+    rows.append([f"{mib} MiB staged, touches {think_us:g} µs apart, {TOUCH_SPACING} pages apart, "
+                 f"vm.page-cluster {page_cluster}", "", "", "", "", "", ""])
+    return Table("Demand swap-in through the kernel (first touch of a staged page)",
+                 ["path", "p50 µs", "p99 µs", "p50 per round µs", "touches", "major faults per round",
+                  "demand fetches per round"], rows)
+
+
+# --- 5. CPU seconds per GiB fetched ---------------------------------------------------------------------
+
+
+def repeated_image(path: Path, mib: int) -> None:
+    """MIB of non-zero data (one random MiB repeated: nothing here compresses or dedupes)."""
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(block)
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+def bench_cpu(work: Path, mib: int) -> Table:
+    """nbdkit + plugin + serve CPU while the prefetcher pulls a staged device, beside the C two-hop chain."""
+    pages = mib * 256
+    image = work / "bulk.img"
+    repeated_image(image, mib)
+    key = work / "key-bulk"
+    key.write_bytes(os.urandom(32))
+    codec = MarkerCodec(key.read_bytes())
+    rows: list[list[Cell]] = []
+    print(f"CPU per GiB fetched, {mib} MiB:", flush=True)
+    with contextlib.ExitStack() as stack:
+        source_socket, plugin_socket, control = work / "bulk-src.sock", work / "bulk-plugin.sock", work / "ctl-bulk.sock"
+        serve = stack.enter_context(unix_process(
+            [*SERVE_ARGV, "--file", image, "--listen", f"unix:{source_socket}"], source_socket,
+            work / "bulk-source.log"))
+        plugin = stack.enter_context(unix_process(
+            ["nbdkit", "-f", "-U", plugin_socket, "python", PLUGIN, f"source=nbd+unix:///?socket={source_socket}",
+             f"pages={pages}", f"key={key}", f"control={control}", f"cache-dir={work}"],
+            plugin_socket, work / "bulk-plugin.log"))  # fmt: skip
+        handle = nbd.NBD()
+        handle.connect_unix(str(plugin_socket))
+        stage_all(handle, codec, pages)
+        before = (cpu_seconds(plugin.pid), cpu_seconds(serve.pid))
+        started = time.monotonic()
+        request(str(control), "arm")
+        while not (status := request(str(control), "status"))["complete"]:
+            if time.monotonic() - started > 600:
+                raise TimeoutError("the prefetcher did not finish within 600s")
+            time.sleep(0.01)
+        seconds = time.monotonic() - started
+        plugin_cpu, serve_cpu = cpu_seconds(plugin.pid) - before[0], cpu_seconds(serve.pid) - before[1]
+        handle.shutdown()
+        fetched = status["fetched_prefetch"] + status["fetched_demand"]
+        gib = fetched * P / 2**30
+        ours = (plugin_cpu + serve_cpu) / gib
+        rows.append(["nbdkit + plugin (prefetcher) <- nbd-postcopy serve, Unix socket", fetched * P / 2**20, seconds,
+                     fetched * P / 2**20 / seconds, f"{plugin_cpu:.2f} + {serve_cpu:.2f}", ours])
+    with contextlib.ExitStack() as stack:
+        memory_socket, front_socket = work / "bulk-memory.sock", work / "bulk-front.sock"
+        memory = stack.enter_context(unix_process(["nbdkit", "-f", "-U", memory_socket, "memory", f"{mib}M"],
+                                                  memory_socket, work / "bulk-memory.log"))
+        front = stack.enter_context(unix_process(["nbdkit", "-f", "-U", front_socket, "nbd", f"socket={memory_socket}"],
+                                                 front_socket, work / "bulk-front.log"))
+        handle = nbd.NBD()
+        handle.connect_unix(str(memory_socket))
+        with open(image, "rb") as f:
+            for offset in range(0, mib << 20, CHUNK):
+                handle.pwrite(f.read(CHUNK), offset)
+        handle.shutdown()
+        before = (cpu_seconds(front.pid), cpu_seconds(memory.pid))
+        started = time.monotonic()
+        subprocess.run(["nbdcopy", "--connections=1", f"nbd+unix:///?socket={front_socket}", "null:"], check=True)
+        seconds = time.monotonic() - started
+        front_cpu, memory_cpu = cpu_seconds(front.pid) - before[0], cpu_seconds(memory.pid) - before[1]
+        floor = (front_cpu + memory_cpu) / (mib / 1024)
+        rows.append(["C floor: nbdkit nbd (C) <- nbdkit memory (C), Unix socket, nbdcopy --connections=1 to null:",
+                     mib, seconds, mib / seconds, f"{front_cpu:.2f} + {memory_cpu:.2f}", floor])
+    for label, moved, seconds, rate, split, per_gib in rows:
+        print(f"  {label}: {moved:.0f} MiB in {seconds:.2f} s ({rate:.0f} MiB/s), CPU {split} s = {per_gib:.2f} s/GiB",
+              flush=True)
+    print(f"  ratio CPU per GiB postcopy / C floor: {ours / floor:.1f}x", flush=True)
+    rows.append([f"ratio of CPU per GiB: postcopy / C floor {ours / floor:.1f}x (issue 12: postcopy at most half of "
+                 "the committed figure before the change)", "", "", "", "", ""])
+    rows.append([f"a whole {mib} MiB device, nothing else running", "", "", "", "", ""])
+    return Table("CPU seconds per GiB fetched",
+                 ["path", "MiB moved", "seconds", "MiB/s", "CPU s (first + second process)", "CPU s per GiB"], rows)
+
+
+@contextlib.contextmanager
+def unix_process(argv: list, path: Path, log: Path):
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_socket(path, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--guest-mib", type=int, default=1024, help="guest size for the latency runs (0: skip them)")
@@ -347,8 +587,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of the reference rows and the prefetch-off plugin (median reported)")
     parser.add_argument("--rss-sizes", default="256,1024,4096", help="guest sizes in MiB for the RSS measurement")
+    parser.add_argument("--swapin-mib", type=int, default=128,
+                        help="range staged for the through-the-kernel swap-in (0: skip it; needs root)")
+    parser.add_argument("--touches", type=int, default=500, help="measured first touches per path and round")
+    parser.add_argument("--swapin-rounds", type=int, default=2, help="alternating rounds of the two kernel paths")
+    parser.add_argument("--bulk-mib", type=int, default=1024, help="device size for the CPU per GiB runs (0: skip)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where device.md and its CSVs go")
     args = parser.parse_args()
+    if args.swapin_mib and os.geteuid() != 0:
+        parser.error("the through-the-kernel swap-in needs root (or --swapin-mib 0)")
+    if args.swapin_mib and args.touches + TOUCH_WARM_UP > args.swapin_mib * 256 // TOUCH_SPACING:
+        parser.error(f"--swapin-mib {args.swapin_mib} has room for at most "
+                     f"{args.swapin_mib * 256 // TOUCH_SPACING - TOUCH_WARM_UP} touches")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.guest_mib and len(idle_slots(args.guest_mib * 256)) < args.rounds:
@@ -359,6 +609,10 @@ def main() -> int:
         if args.guest_mib:
             tables.append(bench_latency(work, args.guest_mib, args.reads, args.think_us / 1e6, args.rounds))
         tables.append(bench_rss(work, [int(s) for s in args.rss_sizes.split(",") if s]))
+        if args.swapin_mib:
+            tables.append(bench_swapin(args.swapin_mib, args.touches, args.think_us, args.swapin_rounds))
+        if args.bulk_mib:
+            tables.append(bench_cpu(work, args.bulk_mib))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes = [
@@ -375,7 +629,22 @@ def main() -> int:
         "without warm-up (its prefetcher makes slots local as it goes), started once the prefetcher fetches pages "
         "(not while it still asks the source which pages are zero)",
         "targets (issue 3): p50 <= 2x the C memory plugin; p99 with the prefetcher running <= 2x p99 idle",
+        "swap-in through the kernel: a process (benchmarks/toucher.py) maps fresh memory, which is staged "
+        "(host/staging.py stage_range) onto the device attached as tests/swapdev.py does (nbdkit under the "
+        "supervisor -> nbdfuse -> losetup --direct-io=on -> swapon), the plugin with prefetch=off fetching from "
+        "nbd-postcopy serve over a Unix socket; the C floor is the same attachment with nbdkit's nbd plugin "
+        "(socket=) in front of nbdkit memory (the stand-in plugin of NBD_POSTCOPY_NBDKIT_PLUGIN, mkswap'd). "
+        f"Touched pages are {TOUCH_SPACING} pages apart (beyond swap readahead) in random order, the first "
+        f"{TOUCH_WARM_UP} unmeasured; each touch is timed in the process around a one-byte read (a major "
+        "fault). The two paths alternate; p50/p99 are medians over the rounds. Target (issue 12): postcopy p50 "
+        "<= 1.5x the C floor",
+        "CPU per GiB: utime+stime (/proc/PID/stat) of nbdkit (with plugin/postcopy.py) and nbd-postcopy serve from "
+        "arming a staged device (staged through NBD writes, no kernel) until the prefetcher reports every page "
+        "local, per GiB fetched; beside it nbdkit nbd (C) and nbdkit memory (C) while nbdcopy --connections=1 "
+        "reads the same number of bytes through them to null: (the consumer's own CPU, nbdcopy, not counted; "
+        "the prefetcher's is, inside nbdkit)",
     ]
+    notes.insert(1, "command: .venv/bin/python benchmarks/bench_device.py " + (" ".join(sys.argv[1:]) or "(the defaults)"))
     for path in write_results("device", "Destination device: plugin/postcopy.py vs nbdkit memory", notes, tables,
                               args.results_dir):
         print(f"wrote {path}")

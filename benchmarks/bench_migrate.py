@@ -10,25 +10,35 @@ slice of it every pass) both methods migrate the same guest on localhost, and th
   - bytes moved (QEMU's stream, plus for nbd-postcopy the pages fetched from the page server),
   - whether the guest kept verifying its memory (OK passes, no FAIL) afterwards.
 nbd-postcopy's total time runs from the migrate command until the source QEMU is released.
-Results go to benchmarks/results/migrate.md and migrate.csv.
 
-    .venv/bin/python benchmarks/bench_migrate.py [--sizes 256,1024] [--workloads idle,write]
+Then the ratios against issue 12's targets (nbd-postcopy total / QEMU postcopy total <= 1.5x, moonshot
+<= 1.0x; nbd-postcopy's largest stall <= QEMU postcopy's, moonshot <= postcopy+preempt's), and for
+nbd-postcopy, watched from outside by migrate_probe.py: the CPU seconds per GiB fetched of nbdkit (with
+the plugin) and the page server from the switchover to the source's release, and the demand faults in
+the first seconds after the guest resumed. Results go to benchmarks/results/migrate.md, migrate*.csv
+and (with matplotlib) migrate.png: the heartbeat gaps over time around the switchover for each method,
+and the total time per size.
+
+    .venv/bin/python benchmarks/bench_migrate.py [--sizes 256,1024,4096] [--workloads idle,write]
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, Table, machine_context, met, write_results  # noqa: E402
+from migrate_probe import WINDOW, MigrationProbe, ProbeResult  # noqa: E402
 
 from nbd_postcopy.testbench.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
 from nbd_postcopy.migration.migrate import MigrateOptions, migrate  # noqa: E402
@@ -53,6 +63,9 @@ class Row:
     stall_ms: float
     moved_mib: float
     verified: str
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (seconds after the switchover, gap ms)
+    probe: ProbeResult | None = None  # nbd-postcopy only
+    fetched_pages: int = 0  # nbd-postcopy only: demand + prefetch
 
     def cells(self) -> list[str | int | float]:
         return [self.method, self.size_mib, self.workload, self.downtime_ms, self.resume_ms, self.total_ms,
@@ -61,6 +74,14 @@ class Row:
 
 def _guest_args(workload: str) -> str:
     return f"memcheck.seed=1234 memcheck.mode={workload}"
+
+
+def _gaps(source: Vm, destination: Vm, start: float, end: float, switchover: float) -> list[tuple[float, float]]:
+    """Every heartbeat gap in [start, end] as (arrival of the later beat - switchover in s, gap in ms); as in
+    largest_gap(), `start` and `end` count as beats."""
+    beats = merged_heartbeats(source.console, destination.console)
+    times = [start, *(b.host_time for b in beats if start <= b.host_time <= end), end]
+    return [(b - switchover, (b - a) * 1000) for a, b in zip(times, times[1:])]
 
 
 def _verify_after(source: Vm, destination: Vm, settle: float) -> str:
@@ -84,11 +105,12 @@ def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: 
         started = time.monotonic()
         result = postcopy_migrate(source.qmp, destination.qmp, f"unix:{run_dir}/migrate.sock", preempt=preempt)
         verified = _verify_after(source, destination, settle)
-        stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started,
-                            end=time.monotonic())
+        ended = time.monotonic()
+        stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
         return Row(method, size_mib, workload, result.downtime_ms,
                    (result.resume_time - result.switchover_time) * 1000, result.total_time_ms, stall * 1000,
-                   result.transferred_bytes / 2**20, verified)
+                   result.transferred_bytes / 2**20, verified,
+                   gaps=_gaps(source, destination, started, ended, result.switchover_time))
 
 
 def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float) -> Row:
@@ -104,15 +126,20 @@ def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: P
                 append=_guest_args(workload), extra_qmp=1) as destination:
             source.console.wait_for(PassOk, timeout=120 + size_mib / 10)
             started = time.monotonic()
-            report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
-                                            run_dir / "migrate", quiet=True))
+            work_dir = run_dir / "migrate"
+            with MigrationProbe(work_dir, source.qmp, destination.qmp, destination.pid) as probe:
+                report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
+                                                work_dir, quiet=True))
             verified = _verify_after(source, destination, settle)
-            stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started,
-                                end=time.monotonic())
+            ended = time.monotonic()
+            stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
+            fetched = report.pages_demand + report.pages_prefetch
+            switchover = probe.result.stop_time or started
             return Row("nbd-postcopy", size_mib, workload, report.downtime_ms, report.switchover_to_resume_ms,
                        report.total_seconds * 1000, stall * 1000,
-                       (report.device_state_bytes + (report.pages_demand + report.pages_prefetch) * 4096) / 2**20,
-                       verified)
+                       (report.device_state_bytes + fetched * 4096) / 2**20, verified,
+                       gaps=_gaps(source, destination, started, ended, switchover), probe=probe.result,
+                       fetched_pages=fetched)
 
 
 def run_qemu_postcopy_preempt(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float) -> Row:
@@ -126,9 +153,125 @@ METHODS = {
 }
 
 
+def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
+    """Per size and workload: nbd-postcopy against QEMU postcopy (and preempt), with issue 12's targets."""
+    rows = []
+    by_key = {(r.size_mib, r.workload, r.method): r for r in runs if not r.verified.startswith("FAILED")}
+    for size, workload in dict.fromkeys((r.size_mib, r.workload) for r in runs):
+        ours, qemu, preempt = (by_key.get((size, workload, m))
+                               for m in ("nbd-postcopy", "qemu postcopy", "qemu postcopy+preempt"))
+        if ours is None or qemu is None:  # a failed run: show what there is
+            rows.append([size, workload, "n/a" if ours is None else ours.total_ms,
+                         "n/a" if qemu is None else qemu.total_ms, "n/a", "n/a (a run failed)",
+                         "n/a" if ours is None else ours.stall_ms, "n/a" if qemu is None else qemu.stall_ms,
+                         "n/a" if preempt is None else preempt.stall_ms, "n/a (a run failed)"])
+            continue
+        total = ours.total_ms / qemu.total_ms
+        stall_vs_qemu = ours.stall_ms / qemu.stall_ms
+        stall_vs_preempt = "n/a" if preempt is None else ours.stall_ms / preempt.stall_ms
+        rows.append([
+            size, workload, ours.total_ms, qemu.total_ms, total,
+            f"{met(total, 1.5)} (<= 1.5x); moonshot {met(total, 1.0)} (<= 1.0x)",
+            ours.stall_ms, qemu.stall_ms, "n/a" if preempt is None else preempt.stall_ms,
+            f"{met(stall_vs_qemu, 1.0)} (<= qemu postcopy, {stall_vs_qemu:.2f}x); moonshot "
+            + ("n/a" if preempt is None else f"{met(stall_vs_preempt, 1.0)} (<= preempt, {stall_vs_preempt:.2f}x)"),
+        ])  # fmt: skip
+    return rows
+
+
+RATIO_COLUMNS = [
+    "guest MiB", "workload", "nbd-postcopy total ms", "qemu postcopy total ms", "total ratio", "total target",
+    "nbd-postcopy stall ms", "qemu postcopy stall ms", "qemu preempt stall ms", "stall target",
+]
+PROBE_COLUMNS = [
+    "guest MiB", "workload", "pages fetched", "GiB fetched", "nbdkit+plugin CPU s", "serve CPU s",
+    "CPU s per GiB (nbdkit+serve)", "nbdfuse CPU s", f"window s (<= {WINDOW:g})",
+    "demand pages", "prefetched pages", "demand share of fetched", "pages swapped in (pswpin)",
+    "demand share of swapped in", "dst QEMU major faults", "demand pages at 0.5/1/1.5/2 s",
+]
+
+
+def probe_rows(runs: list[Row]) -> list[list[str | int | float]]:
+    """nbd-postcopy's CPU per GiB fetched and its demand faults right after the switchover."""
+    rows = []
+    for run in runs:
+        if run.probe is None:
+            continue
+        gib = run.fetched_pages * 4096 / 2**30
+        cpu = run.probe.fetch_cpu()
+        early = run.probe.early_faults()
+        row: list[str | int | float] = [run.size_mib, run.workload, run.fetched_pages, gib]
+        if cpu is None:
+            row += ["n/a"] * 4
+        else:
+            ours = cpu["nbdkit"] + cpu["serve"]
+            row += [cpu["nbdkit"], cpu["serve"], ours / gib if gib else "n/a", cpu["nbdfuse"]]
+        if early is None:
+            row += ["n/a"] * 8
+        else:
+            fetched = early["demand"] + early["prefetch"]
+            row += [
+                early["seconds"], early["demand"], early["prefetch"],
+                f"{early['demand'] / fetched:.1%}" if fetched else "n/a", early["pswpin"],
+                f"{early['demand'] / early['pswpin']:.1%}" if early["pswpin"] else "n/a",
+                early["majflt"], " / ".join(str(n) for n in early["demand_by_half_second"]),
+            ]  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def plot(runs: list[Row], path: Path) -> Path | None:
+    """Heartbeat gaps around the switchover, one panel per size and workload, and total time per size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = list(dict.fromkeys((r.size_mib, r.workload) for r in runs))
+    workloads = list(dict.fromkeys(r.workload for r in runs))
+    columns = min(3, len(keys) + 1)
+    lines = math.ceil((len(keys) + 1) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4.2 * lines), squeeze=False)
+    panels = list(axes.flat)
+    colours = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    for axis, (size, workload) in zip(panels, keys):
+        for run in runs:
+            if (run.size_mib, run.workload) == (size, workload) and run.gaps:
+                times, gaps = zip(*run.gaps)
+                axis.step(times, gaps, where="pre", linewidth=1, color=colours[run.method], label=run.method)
+        axis.set_title(f"{size} MiB, {workload}: gaps between guest heartbeats")
+        axis.set_xlabel("seconds after the source stopped")
+        axis.set_ylabel("heartbeat gap (ms)")
+        axis.set_xlim(left=-1)
+        axis.legend(fontsize="small")
+    axis = panels[len(keys)]
+    sizes = sorted({r.size_mib for r in runs})
+    for method in METHODS:
+        for workload, style in zip(workloads, ("-", "--")):
+            points = sorted((r.size_mib, r.total_ms / 1000) for r in runs
+                            if r.method == method and r.workload == workload and isinstance(r.total_ms, float | int))
+            if points:
+                axis.plot(*zip(*points), style, marker="o", color=colours[method], label=f"{method}, {workload}")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(s) for s in sizes])
+    axis.minorticks_off()
+    axis.set_xlabel("guest MiB")
+    axis.set_ylabel("total time (s)")
+    axis.set_title("total time (nbd-postcopy: to source release)")
+    axis.legend(fontsize="small")
+    for axis in panels[len(keys) + 1:]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="256", help="guest sizes in MiB, comma-separated (e.g. 256,1024)")
+    parser.add_argument("--sizes", default="256", help="guest sizes in MiB, comma-separated (e.g. 256,1024,4096)")
     parser.add_argument("--workloads", default="idle,write", help="idle, write or both, comma-separated")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds the migrated guest runs before judging")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -139,31 +282,56 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))} (want idle, write)")
 
     image = prepare_guest()
-    rows: list[list[str | int | float]] = []
+    runs: list[Row] = []
     for size in sizes:
         for workload in workloads:
             for method, run in METHODS.items():
                 run_dir = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/tmp"))
                 try:
-                    row = run(image, size, workload, run_dir, args.settle).cells()
+                    result = run(image, size, workload, run_dir, args.settle)
                 except Exception as exc:  # one failed method must not lose the other rows
-                    row = [method, size, workload] + ["n/a"] * (len(COLUMNS) - 4) + [f"FAILED: {exc}"]
+                    result = Row(method, size, workload, *["n/a"] * (len(COLUMNS) - 4), f"FAILED: {exc}")
                 finally:
                     shutil.rmtree(run_dir, ignore_errors=True)
+                row = result.cells()
                 print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.1f}" for c in row), flush=True)
-                rows.append(row)
+                runs.append(result)
 
+    table = Table("Migration of the checker guest", COLUMNS, [r.cells() for r in runs])
+    ratios = Table("Against issue 12's targets", RATIO_COLUMNS, ratio_rows(runs))
+    probes = Table("nbd-postcopy CPU and early faults",
+                   PROBE_COLUMNS, probe_rows(runs))
+    for extra in (ratios, probes):
+        print(extra.markdown(), flush=True)
     notes = [
         f"{machine_context()}; load average at the end {os.getloadavg()[0]:.1f}",
+        "command: .venv/bin/python benchmarks/bench_migrate.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "QEMU 7.2 TCG, one vCPU, guest = Debian cloud kernel + memcheck (fills most of RAM, verifies it in a loop).",
         "Source RAM: memory-backend-file,share=on on /dev/shm; destination: memory-backend-ram with -incoming defer.",
         "QEMU postcopy: migrate over a Unix socket, migrate-start-postcopy at once (pure postcopy, like "
         "nbd-postcopy), max-bandwidth 10 GiB/s instead of QEMU's default 128 MiB/s.",
         "Stall: largest host-clock gap between consecutive guest heartbeats (every ~50 ms) from the migrate "
         f"command until {args.settle:g} s after the migration ended.",
+        "Targets (issue 12): total time <= 1.5x QEMU postcopy (moonshot <= 1.0x); largest stall <= QEMU "
+        "postcopy's (moonshot <= postcopy+preempt's), each against the same run.",
+        "CPU: utime+stime from /proc/PID/stat of nbdkit (hosting plugin/postcopy.py) and of `nbd-postcopy serve`, "
+        "taken at the source's QMP STOP event and at the last sample (every 50 ms) in which the page server was "
+        "alive, i.e. at the source's release, before completion; per GiB of pages fetched (demand + prefetch). "
+        "nbdkit's share includes answering the guest's swap-ins of pages already local in that window. nbdfuse "
+        "beside it. "
+        "QEMU's own CPU is not reported: under TCG it is the guest's vCPU, which one process figure cannot separate.",
+        f"Early faults: from the first sample after the destination's RESUME event, for {WINDOW:g} s or until the "
+        "prefetcher had every page (after that completion pre-pages and pswpin no longer counts the guest's "
+        "touches), sampled every 0.1 s: the device's fetched_demand / fetched_prefetch counters; pswpin is "
+        "system-wide pages read from swap devices, swap readahead included (the benchmark holds the test suite's "
+        "swap lock), so 'demand share of swapped in' = demand-fetched pages / pages the kernel brought in from the "
+        "device: the share of the guest's swap-ins (with readahead) that were not already local.",
     ]
-    table = Table("Migration of the checker guest", COLUMNS, rows)
-    for path in write_results("migrate", "Live migration: QEMU postcopy vs nbd-postcopy", notes, [table], args.results_dir):
+    written = write_results("migrate", "Live migration: QEMU postcopy vs nbd-postcopy", notes,
+                            [table, ratios, probes], args.results_dir)
+    if picture := plot(runs, args.results_dir / "migrate.png"):
+        written.append(picture)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -42,16 +42,34 @@ def test_bench_migrate_smoke(run_dir: Path):
     assert "FAILED" not in table, table
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
         assert f"| {method} | 128 | idle |" in table
+    assert "### Against issue 12's targets" in table and "| 128 | idle | " in table.split("issue 12's targets")[1]
+    assert "CPU s per GiB (nbdkit+serve)" in table
+    assert (run_dir / "migrate.png").exists()
 
 
 @pytest.mark.slow
 def test_bench_device_smoke(run_dir: Path):
     argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "16", "--reads", "20", "--rss-sizes", "16,32",
-            "--results-dir", run_dir]
+            "--swapin-mib", "0", "--bulk-mib", "16", "--results-dir", run_dir]
     result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     table = (run_dir / "device.md").read_text()
     for row in ("nbdkit memory (C)", "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python", "postcopy, prefetch off"):
+        assert f"| {row} |" in table
+    assert "| nbdkit + plugin (prefetcher) <- nbd-postcopy serve, Unix socket |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bench_device_swapin_smoke(run_dir: Path):
+    # No swap_lock fixture here: the benchmark takes the same lock itself for the swap-in rows.
+    argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "0", "--rss-sizes", "", "--swapin-mib", "16",
+            "--touches", "50", "--swapin-rounds", "1", "--bulk-mib", "0", "--results-dir", run_dir]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (run_dir / "device.md").read_text()
+    for row in ("postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve",
+                "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)"):
         assert f"| {row} |" in table
 
 
