@@ -140,32 +140,24 @@ class Bitmap:
 
     def find(self, start: int, end: int) -> int:
         """The first set index in [start, end), or -1."""
-        end = min(end, self.size)
-        while start < end:
-            if start & 7 == 0:
-                match = self._NONZERO.search(self.bits, start >> 3, (end + 7) >> 3)
-                if match is None:
-                    return -1
-                start = match.start() << 3
-                if start >= end:
-                    return -1
-            if self.get(start):
-                return start
-            start += 1
-        return -1
+        return self._find(start, end, True, self._NONZERO)
 
     def find_clear(self, start: int, end: int) -> int:
         """The first clear index in [start, end), or -1."""
+        return self._find(start, end, False, self._NOT_FULL)
+
+    def _find(self, start: int, end: int, value: bool, other_byte: re.Pattern) -> int:
+        """The first index in [start, end) whose bit is `value`; `other_byte` matches a byte holding one."""
         end = min(end, self.size)
         while start < end:
             if start & 7 == 0:
-                match = self._NOT_FULL.search(self.bits, start >> 3, (end + 7) >> 3)
+                match = other_byte.search(self.bits, start >> 3, (end + 7) >> 3)
                 if match is None:
                     return -1
                 start = match.start() << 3
                 if start >= end:
                     return -1
-            if not self.get(start):
+            if self.get(start) == value:
                 return start
             start += 1
         return -1
@@ -290,10 +282,6 @@ class Device:
         self.fetched = {"demand": 0, "prefetch": 0}  # pages whose data came from the source
         self.fetched_zero = 0  # pages fetched that were all zeros (a hole on the wire and in the page file)
         self.demand_source: PageSource | None = None
-        self.demand_idle = threading.Event()  # set while no demand fetch is in flight
-        self.demand_idle.set()
-        self._demand_in_flight = 0
-        self.last_demand_end = float("-inf")  # time.monotonic() when the latest demand fetch ended
         self.source_connected = False
         self.reconnects = 0  # times the demand connection came back after it was lost
         self.outage_seconds = 0.0  # time the demand connection was down, in all (ended outages)
@@ -564,8 +552,6 @@ class Device:
             if not local:
                 run = self._consecutive_run_locked(first, count) if waiting == count else None
                 runs = [run] if run else self._read_each_locked(first, count, out, untouched)
-                if runs:
-                    self._demand_started_locked()
         if local:
             # Outside the lock, so clusters are read in parallel: the kernel never writes or trims a
             # slot while it reads it, and local slots only change by such writes and trims.
@@ -574,11 +560,8 @@ class Device:
         if untouched:
             self._anomaly("unmapped_read", f"read of never-written slots {untouched[0]}..{untouched[-1]}", len(untouched))
         if runs:
-            try:
-                into = [out[(run.slot - first) * PAGE_SIZE : (run.slot - first + run.count) * PAGE_SIZE] for run in runs]
-                self.fetch(runs, self.demand_source, "demand", self.timeout, into)
-            finally:
-                self._demand_finished()
+            into = [out[(run.slot - first) * PAGE_SIZE : (run.slot - first + run.count) * PAGE_SIZE] for run in runs]
+            self.fetch(runs, self.demand_source, "demand", self.timeout, into)
             seconds = time.monotonic() - started
             self.metrics.fault_seconds.observe(seconds)
             for listener in self._fault_listeners:
@@ -614,18 +597,6 @@ class Device:
                 if not self._touched.get(slot):
                     untouched.append(slot)
         return coalesce(to_fetch)
-
-    def _demand_started_locked(self) -> None:
-        """A demand fetch begins (the caller holds the lock); the prefetcher yields until it ends."""
-        self._demand_in_flight += 1
-        self.demand_idle.clear()
-
-    def _demand_finished(self) -> None:
-        with self._lock:
-            self._demand_in_flight -= 1
-            self.last_demand_end = time.monotonic()
-            if not self._demand_in_flight:
-                self.demand_idle.set()
 
     def fetch(
         self,

@@ -10,15 +10,12 @@ Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
 Zero pages: until the source has reported the whole image, one block status request goes out before
 each batch, so fetching starts at once while large holes are still skipped as soon as they are learned;
 zero pages inside a fetched run arrive as holes anyway and stay holes in the page file.
-Pacing, demand first: a batch (and each block status request that learns zero pages) waits for a gap in
-demand: no demand fetch in flight and none finished in the last DEMAND_QUIET seconds, since a guest
-faulting in its working set faults again within a millisecond or so, and on a busy 2-core host every
-batch takes CPU from the next fault. Under constant demand it waits at most DEMAND_YIELD, then sends a
-single run. RateController sets the window (runs fetched per round trip): it starts at one right after
-arming (the guest's cold working set faults in then), grows by one after each batch while demand faults
-stay fast, and halves, with a growing pause between batches, while the recent demand fault latency is
-well above the best seen lately. Demand fetches use their own source connection, so they never queue
-behind this traffic on the wire.
+Pacing: one batch of WINDOW runs (512 KiB) is in flight at a time, back to back, with no waiting for
+gaps in demand. Demand fetches have their own source connection (and, between hosts, their own
+priority on the wire: docs/DESIGN.md, "Demand before prefetch on the wire"), so a demand request waits
+at most behind one small batch at the page server; a prefetcher that waited for quiet moments starved
+under the steady faults of a guest that scans its memory, and the guest then faulted on almost every
+page (docs/DESIGN.md, "Decisions": prefetch pacing).
 """
 
 from __future__ import annotations
@@ -35,58 +32,10 @@ from .workingset import REPLAY_SPAN
 
 log = logging.getLogger("nbd_postcopy.device.prefetch")
 
-MAX_WINDOW = 8  # runs per round trip
+WINDOW = 2  # runs per round trip
 RUN_PAGES = 64  # pages per run (256 KiB)
-DEMAND_RATIO = 2.0  # back off while recent demand faults are slower than this times the baseline...
-DEMAND_FLOOR = 250e-6  # ...and slower than this (seconds)
-BASELINE_DRIFT = 1.01  # the baseline grows by this factor per fault unless a faster one resets it
-DEMAND_MEMORY = 0.25  # seconds: how long a demand fault counts as "recent"
-MAX_PAUSE = 0.05
 RETRY_PAUSE = 1.0  # after a failed prefetch fetch
-DEMAND_QUIET = 0.002  # seconds without a demand fault before a batch goes out...
-DEMAND_YIELD = 0.005  # ...waiting at most this long (then one run goes out anyway)
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
-
-
-class RateController:
-    """AIMD pacing of the prefetch window from demand fault latency. Time is passed in (testable).
-
-    Demand is "slow" when the recent average fault latency exceeds `ratio` times the best latency seen
-    lately (the baseline, which drifts up slowly so it follows a machine that got busier), and at
-    least `floor`."""
-
-    def __init__(
-        self, max_window: int = MAX_WINDOW, floor: float = DEMAND_FLOOR, ratio: float = DEMAND_RATIO, smoothing: float = 0.3
-    ):
-        self.max_window = max_window
-        self.floor = floor
-        self.ratio = ratio
-        self.smoothing = smoothing
-        self.window = 1  # ramps up: right after arming the guest's working set faults in
-        self.pause = 0.0
-        self.latency = 0.0  # exponentially weighted recent demand fault latency
-        self.baseline = float("inf")
-        self._last_fault = float("-inf")
-
-    @property
-    def target(self) -> float:
-        return max(self.floor, self.ratio * self.baseline)
-
-    def on_demand_fault(self, seconds: float, now: float) -> None:
-        if self.baseline == float("inf"):
-            self.latency = seconds
-        self.latency += self.smoothing * (seconds - self.latency)
-        self.baseline = min(self.baseline * BASELINE_DRIFT, seconds)
-        self._last_fault = now
-
-    def after_batch(self, now: float) -> None:
-        """Adapt the window and the pause before the next batch."""
-        if now - self._last_fault < DEMAND_MEMORY and self.latency > self.target:
-            self.window = max(1, self.window // 2)
-            self.pause = min(MAX_PAUSE, max(self.pause * 2, 1e-3))
-        else:
-            self.window = min(self.max_window, self.window + 1)
-            self.pause = self.pause / 2 if self.pause > 1e-4 else 0.0
 
 
 class PrefetchScheduler:
@@ -156,16 +105,13 @@ class Prefetcher:
         self.timeout = timeout
         self.learn_zeros = learn_zeros
         self.scheduler = PrefetchScheduler(device)
-        self.controller = RateController()
-        # every batch is received here
-        self._buffer = memoryview(bytearray(self.controller.max_window * self.scheduler.run_pages * PAGE_SIZE))
+        self._buffer = memoryview(bytearray(WINDOW * self.scheduler.run_pages * PAGE_SIZE))  # every batch lands here
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         device.add_fault_listener(self._on_fault)
 
     def _on_fault(self, slot: int, seconds: float) -> None:
         self.scheduler.hint(slot)
-        self.controller.on_demand_fault(seconds, time.monotonic())
 
     def start(self) -> None:
         self._thread.start()
@@ -188,13 +134,12 @@ class Prefetcher:
         log.info("prefetching %d pages", self.device.remaining)
         learning = self._learn_zero_pages() if self.learn_zeros else None
         while not self._stop.is_set():
-            gap = self._wait_for_demand_gap()
             if learning is not None:
                 try:
                     next(learning)
                 except StopIteration:
                     learning = None
-            runs = self.scheduler.next_runs(self.controller.window if gap else 1)
+            runs = self.scheduler.next_runs(WINDOW)
             if not runs:  # everything is local (or being fetched on demand): wait for new mappings
                 if learning is None:
                     self._stop.wait(IDLE_POLL)
@@ -203,10 +148,6 @@ class Prefetcher:
                 self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
             except DeviceIOError:
                 self._stop.wait(RETRY_PAUSE)
-                continue
-            self.controller.after_batch(time.monotonic())
-            if self.controller.pause:
-                self._stop.wait(self.controller.pause)
 
     def _replay_working_set(self) -> None:
         """Fetch the recorded working set first (staging is over: its slots are known)."""
@@ -216,16 +157,13 @@ class Prefetcher:
         self.replayed = len(slots)
         fetched = self.device.fetched["prefetch"]
         while not self._stop.is_set():
-            gap = self._wait_for_demand_gap()
-            runs = self.scheduler.replay_runs(self.controller.window if gap else 1)
+            runs = self.scheduler.replay_runs(WINDOW)
             if not runs:
                 break
             try:
                 self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
             except DeviceIOError:
                 self._stop.wait(RETRY_PAUSE)  # those runs are left to the sweep
-                continue
-            self.controller.after_batch(time.monotonic())
         log.info("replayed a working set of %d guest pages (%d mapped): %d pages fetched in %.2fs", len(self.replay),
                  len(slots), self.device.fetched["prefetch"] - fetched, time.monotonic() - started)
 
@@ -236,23 +174,6 @@ class Prefetcher:
             views.append(self._buffer[start:end])
             start = end
         return views
-
-    def _wait_for_demand_gap(self) -> bool:
-        """Wait until demand is quiet (see the module doc); False if DEMAND_YIELD ran out first."""
-        device = self.device
-        deadline = time.monotonic() + DEMAND_YIELD
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            if not device.demand_idle.is_set():
-                device.demand_idle.wait(deadline - now)
-                continue
-            quiet_left = device.last_demand_end + DEMAND_QUIET - now
-            if quiet_left <= 0:
-                return True
-            self._stop.wait(min(quiet_left, deadline - now))
-        return True
 
     def _learn_zero_pages(self) -> Iterator[None]:
         """The device's zero page learning, one block status request per step: the prefetcher takes a
