@@ -38,7 +38,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS_DIR, Cell, Table, cpu_seconds, machine_context, met, percentile, write_results  # noqa: E402
+from nbd_postcopy.common.linux import terminate  # noqa: E402
 from nbd_postcopy.common.units import PAGE_SIZE as P  # noqa: E402
 from nbd_postcopy.device.control import request  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
@@ -94,19 +94,20 @@ def wait_tcp(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def process(argv: list, port: int, log: Path):
+    """A process we start, ready once it listens on TCP `port`; stopped by PID at the end."""
+    with started(argv, log) as proc:
+        wait_tcp(port, proc)
+        yield proc
+
+
+@contextlib.contextmanager
+def started(argv: list, log: Path):
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_tcp(port, proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 def connect(port: int) -> nbd.NBD:
@@ -562,19 +563,10 @@ def bench_cpu(work: Path, mib: int) -> Table:
 
 @contextlib.contextmanager
 def unix_process(argv: list, path: Path, log: Path):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    """A process we start, ready once it listens on the Unix socket `path`; stopped by PID at the end."""
+    with started(argv, log) as proc:
         wait_socket(path, proc)
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def main() -> int:

@@ -15,8 +15,10 @@ import errno
 import mmap
 import os
 import re
+import signal
 import socket
 import stat
+import subprocess
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -501,6 +503,17 @@ def zswap_enabled(switch: str = ZSWAP_SWITCH) -> bool:
 
 
 # --- processes, mounts, loop devices -----------------------------------------------------------------
+
+
+def terminate(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM a child we started, SIGKILL it if it is still there after `timeout`, and reap it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def process_matches(pid: int | None, needle: str) -> bool:

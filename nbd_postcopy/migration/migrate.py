@@ -45,7 +45,7 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
-from ..common.linux import free_port
+from ..common.linux import free_port, terminate
 from .destination import (  # (also imported from here by receive.py and the tests)
     MigrateError,
     attach_device,
@@ -477,10 +477,5 @@ class _Migration(PhasedDriver):
         return time.monotonic()
 
     def _stop_server(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server is not None:
+            terminate(self.server)

@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..common.linux import terminate
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
@@ -113,13 +115,8 @@ class PageServerProcess:
             self._watcher.join(5)
         with self._lock:
             process = self.process
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            if process is not None:
+                terminate(process)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

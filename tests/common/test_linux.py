@@ -173,3 +173,12 @@ def test_drain_lru_batches_reaches_the_kernel():
     """move_pages(2) of our own page to its own node: the kernel drains every CPU's LRU batches first
     (this machine has NUMA, so the call must succeed here; staging relies on it between verify rounds)."""
     assert linux.drain_lru_batches() is True
+
+
+def test_terminate_kills_what_ignores_sigterm():
+    process = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert process.stdout.readline() == b"ready\n"
+    linux.terminate(process, timeout=0.2)
+    assert process.returncode == -9
+    linux.terminate(process)  # a process already reaped: nothing to do

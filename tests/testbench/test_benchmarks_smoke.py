@@ -11,11 +11,16 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+def run_benchmark(script: str, *args, timeout: float) -> None:
+    """Run benchmarks/SCRIPT with the venv's Python; it must exit 0 (its output is the failure message)."""
+    argv = [sys.executable, BENCHMARKS / script, *args]
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_bench_server_smoke(run_dir: Path):
-    argv = [sys.executable, BENCHMARKS / "bench_server.py", "--size-mib", "8", "--samples", "50", "--copies", "1", "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_server.py", "--size-mib", "8", "--samples", "50", "--copies", "1", "--results-dir", run_dir, timeout=300)
     assert "| nbd-postcopy | unix |" in (run_dir / "server.md").read_text()
     assert (run_dir / "server.csv").exists() and (run_dir / "server-ratios.csv").exists()
 
@@ -24,9 +29,7 @@ def test_bench_server_smoke(run_dir: Path):
 @pytest.mark.root
 def test_bench_staging_smoke(run_dir: Path):
     # No swap_lock fixture here: the benchmark takes the same lock itself.
-    argv = [sys.executable, BENCHMARKS / "bench_staging.py", "--sizes", "16", "--transport-mib", "16", "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_staging.py", "--sizes", "16", "--transport-mib", "16", "--results-dir", run_dir, timeout=600)
     assert "| nbdkit memory (C) | 16 |" in (run_dir / "staging.md").read_text()
 
 
@@ -34,10 +37,8 @@ def test_bench_staging_smoke(run_dir: Path):
 @pytest.mark.root
 def test_bench_migrate_smoke(run_dir: Path):
     # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
-    argv = [sys.executable, BENCHMARKS / "bench_migrate.py", "--sizes", "128", "--workloads", "idle", "--settle", "0.5",
-            "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_migrate.py", "--sizes", "128", "--workloads", "idle", "--settle", "0.5",
+                  "--results-dir", run_dir, timeout=600)
     table = (run_dir / "migrate.md").read_text()
     assert "FAILED" not in table, table
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
@@ -49,10 +50,8 @@ def test_bench_migrate_smoke(run_dir: Path):
 
 @pytest.mark.slow
 def test_bench_device_smoke(run_dir: Path):
-    argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "16", "--reads", "20", "--rss-sizes", "16,32",
-            "--swapin-mib", "0", "--bulk-mib", "16", "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_device.py", "--guest-mib", "16", "--reads", "20", "--rss-sizes", "16,32",
+                  "--swapin-mib", "0", "--bulk-mib", "16", "--results-dir", run_dir, timeout=300)
     table = (run_dir / "device.md").read_text()
     for row in ("nbdkit memory (C)", "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python", "postcopy, prefetch off"):
         assert f"| {row} |" in table
@@ -63,10 +62,8 @@ def test_bench_device_smoke(run_dir: Path):
 @pytest.mark.root
 def test_bench_device_swapin_smoke(run_dir: Path):
     # No swap_lock fixture here: the benchmark takes the same lock itself for the swap-in rows.
-    argv = [sys.executable, BENCHMARKS / "bench_device.py", "--guest-mib", "0", "--rss-sizes", "", "--swapin-mib", "16",
-            "--touches", "50", "--swapin-rounds", "1", "--bulk-mib", "0", "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_device.py", "--guest-mib", "0", "--rss-sizes", "", "--swapin-mib", "16",
+                  "--touches", "50", "--swapin-rounds", "1", "--bulk-mib", "0", "--results-dir", run_dir, timeout=300)
     table = (run_dir / "device.md").read_text()
     for row in ("postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve",
                 "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)"):
@@ -77,10 +74,8 @@ def test_bench_device_swapin_smoke(run_dir: Path):
 @pytest.mark.root
 def test_bench_two_hosts_smoke(run_dir: Path):
     # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
-    argv = [sys.executable, BENCHMARKS / "bench_two_hosts.py", "--sizes", "128", "--links", "1gbit", "--settle", "0.5",
-            "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_two_hosts.py", "--sizes", "128", "--links", "1gbit", "--settle", "0.5",
+                  "--results-dir", run_dir, timeout=900)
     table = (run_dir / "two_hosts.md").read_text()
     assert "FAILED" not in table, table
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy", "nbd-postcopy, prefetch <= 80% of link"):
@@ -92,9 +87,7 @@ def test_bench_two_hosts_smoke(run_dir: Path):
 @pytest.mark.root
 def test_bench_restore_smoke(run_dir: Path):
     # No swap_lock fixture here: the benchmark takes the same lock itself for its nbd-postcopy rows.
-    argv = [sys.executable, BENCHMARKS / "bench_restore.py", "--sizes", "128", "--settle", "0.5", "--results-dir", run_dir]
-    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_benchmark("bench_restore.py", "--sizes", "128", "--settle", "0.5", "--results-dir", run_dir, timeout=900)
     table = (run_dir / "restore.md").read_text()
     assert "FAILED" not in table, table
     for method in ("qemu -incoming (full stream file)", "nbd-postcopy restore, no record",
