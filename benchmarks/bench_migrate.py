@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, Table, machine_context, met, write_results  # noqa: E402
 from migrate_probe import WINDOW, MigrationProbe, ProbeResult  # noqa: E402
 
-from nbd_postcopy.testbench.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
+from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
 from nbd_postcopy.migration.migrate import MigrateOptions, migrate  # noqa: E402
-from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate  # noqa: E402
+from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate, verified_after  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 
@@ -84,15 +84,6 @@ def _gaps(source: Vm, destination: Vm, start: float, end: float, switchover: flo
     return [(b - switchover, (b - a) * 1000) for a, b in zip(times, times[1:])]
 
 
-def _verify_after(source: Vm, destination: Vm, settle: float) -> str:
-    """Let the migrated guest run `settle` seconds; "yes" if it completed a pass and nothing failed."""
-    mark = destination.console.mark()
-    time.sleep(settle)
-    destination.console.wait_for(PassOk, after=mark, timeout=60)
-    failures = source.console.events(Failure) + destination.console.events(Failure)
-    return "yes" if not failures else f"NO: {failures[0].line}"
-
-
 def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float,
                       preempt: bool = False) -> Row:
     """QEMU's own postcopy: postcopy-ram (userfaultfd), migrate-start-postcopy right after migrate, the
@@ -104,7 +95,7 @@ def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: 
         source.console.wait_for(PassOk, timeout=120 + size_mib / 10)
         started = time.monotonic()
         result = postcopy_migrate(source.qmp, destination.qmp, f"unix:{run_dir}/migrate.sock", preempt=preempt)
-        verified = _verify_after(source, destination, settle)
+        verified = verified_after(destination, settle, source)
         ended = time.monotonic()
         stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
         return Row(method, size_mib, workload, result.downtime_ms,
@@ -130,7 +121,7 @@ def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: P
             with MigrationProbe(work_dir, source.qmp, destination.qmp, destination.pid) as probe:
                 report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
                                                 work_dir, quiet=True))
-            verified = _verify_after(source, destination, settle)
+            verified = verified_after(destination, settle, source)
             ended = time.monotonic()
             stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
             fetched = report.pages_demand + report.pages_prefetch

@@ -35,8 +35,8 @@ from common import RESULTS_DIR, Table, machine_context, write_results  # noqa: E
 
 from nbd_postcopy.migration.restore import FIRST_SECONDS, RestoreOptions, restore  # noqa: E402
 from nbd_postcopy.migration.snapshot import SnapshotOptions, save_migration_stream, snapshot  # noqa: E402
-from nbd_postcopy.testbench.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
-from nbd_postcopy.testbench.vm import Vm  # noqa: E402
+from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
+from nbd_postcopy.testbench.vm import Vm, verified_after  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 GUEST_ARGS = "memcheck.seed=1234 memcheck.mode=write"
@@ -45,15 +45,6 @@ COLUMNS = [
     "method", "guest MiB", "time to resume ms", "device state to resume ms", "every page local s", f"demand faults first {FIRST_SECONDS:g} s",
     "demand faults", "pages prefetched", "saved on disk MiB", "guest verified",
 ]
-
-
-def _verify_after(vm: Vm, settle: float) -> str:
-    """Let the restored guest run `settle` seconds; "yes" if it then completes a pass and nothing failed."""
-    mark = vm.console.mark()
-    time.sleep(settle)
-    vm.console.wait_for(PassOk, after=mark, timeout=120)
-    failures = vm.console.events(Failure)
-    return "yes" if not failures else f"NO: {failures[0].line}"
 
 
 def _allocated_mib(*paths: Path) -> float:
@@ -84,7 +75,7 @@ def run_qemu_incoming(image: GuestImage, size_mib: int, stream: Path, run_dir: P
         if vm.qmp.status() != "running":
             vm.qmp.execute("cont")  # saved paused
         resumed = vm.qmp.wait_event("RESUME", after=mark, timeout=60).host_time - started
-        verified = _verify_after(vm, settle)
+        verified = verified_after(vm, settle, timeout=120)
     return ["qemu -incoming (full stream file)", size_mib, resumed * 1000, resumed * 1000, resumed, 0, 0, 0,
             _allocated_mib(stream), verified]
 
@@ -98,7 +89,7 @@ def run_nbd_restore(image: GuestImage, size_mib: int, snap: Path, run_dir: Path,
                 extra_qmp=1) as vm:
             report = restore(RestoreOptions(snap, vm.extra_qmp_paths[0], run_dir / f"rst-{name}", replay=replay,
                                             quiet=True))
-            verified = _verify_after(vm, settle)
+            verified = verified_after(vm, settle, timeout=120)
     local = "n/a" if report.resume_to_local_seconds is None else report.to_resume_seconds + report.resume_to_local_seconds
     method = f"nbd-postcopy restore, replay of {report.replayed_pages} pages" if replay else \
         "nbd-postcopy restore, no record"

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS_DIR, Table, machine_context, plot_bars, write_results  # noqa: E402
 
 from nbd_postcopy.source.shaping import parse_rate  # noqa: E402
-from nbd_postcopy.testbench.guest import Failure, GuestImage, PassOk, prepare_guest  # noqa: E402
-from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate  # noqa: E402
+from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
+from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate, verified_after  # noqa: E402
 from tests.netns import RoutedHosts, routed_hosts  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
@@ -93,15 +93,6 @@ def _boot(source: Vm, size_mib: int) -> None:
     source.console.wait_for(PassOk, timeout=120 + size_mib / 10)
 
 
-def _verify_after(source: Vm, destination: Vm, settle: float) -> str:
-    """Let the migrated guest run `settle` seconds; "yes" if it completed a pass and nothing failed."""
-    mark = destination.console.mark()
-    time.sleep(settle)
-    destination.console.wait_for(PassOk, after=mark, timeout=60)
-    failures = source.console.events(Failure) + destination.console.events(Failure)
-    return "yes" if not failures else f"NO: {failures[0].line}"
-
-
 # --- QEMU's own postcopy ---------------------------------------------------------------------------
 
 
@@ -114,7 +105,7 @@ def run_qemu_postcopy(case: Case, preempt: bool = False) -> list:
         result = postcopy_migrate(source.qmp, destination.qmp, f"tcp:{case.hosts.destination.address}:{case.port}",
                                   preempt=preempt, timeout=MIGRATION_TIMEOUT)
         after = case.sent()
-        verified = _verify_after(source, destination, case.settle)
+        verified = verified_after(destination, case.settle, source)
         stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started,
                             end=time.monotonic())
         method = "qemu postcopy+preempt" if preempt else "qemu postcopy"
@@ -219,7 +210,7 @@ def run_nbd_postcopy(case: Case, prefetch_bandwidth: int | None = None, label: s
                 if shaping and "prefetch replies capped at" not in report:
                     raise RuntimeError("migrate --to did not say it shaped prefetch replies")
                 source.wait_exit(10)
-                verified = _verify_after(source, destination, case.settle)
+                verified = verified_after(destination, case.settle, source)
                 stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started,
                                     end=time.monotonic())
             finally:

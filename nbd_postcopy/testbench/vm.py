@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from ..common.qmp import Qmp, QmpError, QmpEvent, VmError
 from ..migration.ram import RAM_ID, RamRegion, ram_region_of
-from .guest import ConsoleEvent, GuestImage, Heartbeat, parse_console_line
+from .guest import ConsoleEvent, Failure, GuestImage, Heartbeat, PassOk, parse_console_line
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,17 @@ def merged_heartbeats(*consoles: Console) -> list[Heartbeat]:
     """Heartbeats from several consoles of one guest (source then destination), by guest counter."""
     beats = {b.counter: b for c in consoles for b in c.events(Heartbeat)}
     return [beats[k] for k in sorted(beats)]
+
+
+def verified_after(running: "Vm", settle: float, *others: "Vm", timeout: float = 60.0) -> str:
+    """Let the guest in `running` go on `settle` seconds: "yes" if it then completes a verification pass and
+    no console (its own or the `others'`, such as the migration source's) reported a wrong page, else
+    "NO: " and the first FAIL line."""
+    mark = running.console.mark()
+    time.sleep(settle)
+    running.console.wait_for(PassOk, after=mark, timeout=timeout)
+    failures = [event for vm in (*others, running) for event in vm.console.events(Failure)]
+    return "yes" if not failures else f"NO: {failures[0].line}"
 
 
 def largest_gap(beats: list[Heartbeat], start: float | None = None, end: float | None = None) -> float:
