@@ -8,11 +8,12 @@ MigrateError with a message for the user.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, TextIO, TypeVar
+from typing import Any, Callable, TextIO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -169,3 +170,27 @@ def histogram_quantiles(exposition: str, name: str, quantiles: tuple[float, ...]
     if not total:
         return tuple(None for _ in quantiles)
     return tuple(next(bound * 1000 for bound, count in buckets if count >= q * total) for q in quantiles)
+
+
+class Narrator:
+    """Prints a command's steps as "NAME: message" on self.stream, unless self.o.quiet."""
+
+    name = "migrate"
+    o: Any  # the command's options (with .quiet)
+    stream: TextIO
+
+    def say(self, message: str) -> None:
+        if not self.o.quiet:
+            print(f"{self.name}: {message}", file=self.stream, flush=True)
+
+
+class StepDriver(Narrator):
+    """A driver whose phases (an IntEnum) follow one another in order (the two halves of a two-host
+    migration)."""
+
+    phase: enum.IntEnum
+
+    def _enter(self, phase: enum.IntEnum) -> None:
+        if phase != self.phase + 1:
+            raise AssertionError(f"{self.name}: wrong phase {phase.name} after {self.phase.name}")  # a bug here
+        self.phase = phase

@@ -48,6 +48,7 @@ from ..device.markers import MarkerCodec
 from ..common.linux import free_port, terminate
 from .destination import (  # (also imported from here by receive.py and the tests)
     MigrateError,
+    Narrator,
     attach_device,
     connect as _connect,
     detach_device,
@@ -191,17 +192,15 @@ class PhaseError(RuntimeError):
     """A bug in the driver: it tried a phase transition the table does not allow ("wrong postcopy state")."""
 
 
-class PhasedDriver:
+class PhasedDriver(Narrator):
     """A driver that goes through Phase (a migration, a restore): it keeps its phase, checked against
-    TRANSITIONS, prints its steps as "NAME: message" unless quiet, and keeps the destination swap
-    device it attaches (self.swap_name, .swap_state, .metrics_port; .attached, .device, .control)."""
+    TRANSITIONS, prints its steps (Narrator), and keeps the destination swap device it attaches
+    (self.swap_name, .swap_state, .metrics_port; .attached, .device, .control)."""
 
-    name = "migrate"
     what = "migration"
     device_name = "the destination device"
     phase: Phase
     o: MigrateOptions
-    stream: TextIO
     swap_name: str
     swap_state: Path
     metrics_port: int
@@ -214,10 +213,6 @@ class PhasedDriver:
             raise PhaseError(f"wrong {self.what} phase: {self.phase.name} -> {phase.name}")
         log.debug("phase %s -> %s", self.phase.name, phase.name)
         self.phase = phase
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"{self.name}: {message}", file=self.stream, flush=True)
 
     def _failure_policy(self) -> Policy:
         """What a failure now does (FAILURE_POLICY); a failure that is raised as it is ends the phases."""

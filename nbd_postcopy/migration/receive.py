@@ -39,6 +39,7 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..host.staging import stage_range
 from . import channel as ch
+from .destination import StepDriver
 from .migrate import (
     MigrateError,
     _connect,
@@ -82,7 +83,9 @@ class ReceiveOptions:
     stream: TextIO | None = None
 
 
-class Receiver:
+class Receiver(StepDriver):
+    name = "receive"
+
     def __init__(self, options: ReceiveOptions):
         self.o = options
         self.work = Path(options.work_dir)
@@ -94,15 +97,6 @@ class Receiver:
         self.channel: ch.Channel | None = None
         self.control: Path | None = None
         self.dst_pid = 0
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"receive: {message}", file=self.stream, flush=True)
-
-    def _enter(self, phase: Phase) -> None:
-        if phase != self.phase + 1:
-            raise AssertionError(f"receive: wrong phase {phase.name} after {self.phase.name}")  # a bug here
-        self.phase = phase
 
     def run(self) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)

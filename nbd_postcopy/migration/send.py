@@ -33,7 +33,7 @@ from ..common.qmp import Qmp, QmpEvent, VmError
 from ..common.units import bracket
 from ..source.shaping import PrefetchShaping, ShapingError, interface_towards
 from . import channel as ch
-from .destination import check_shared_ram, wait_migration_completed
+from .destination import StepDriver, check_shared_ram, wait_migration_completed
 from .migrate import MigrateError, MigrationReport, _connect
 from .pageserver import PageServerError, PageServerProcess
 from .ram import RAM_ID, RamRegion
@@ -73,7 +73,9 @@ class SendOptions:
     stream: TextIO | None = None
 
 
-class Sender:
+class Sender(StepDriver):
+    name = "migrate"
+
     def __init__(self, options: SendOptions):
         self.o = options
         self.work = Path(options.work_dir)
@@ -81,15 +83,6 @@ class Sender:
         self.phase = Phase.STARTING
         self.channel: ch.Channel | None = None
         self.server: PageServerProcess | None = None
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"migrate: {message}", file=self.stream, flush=True)
-
-    def _enter(self, phase: Phase) -> None:
-        if phase != self.phase + 1:
-            raise AssertionError(f"migrate --to: wrong phase {phase.name} after {self.phase.name}")  # a bug here
-        self.phase = phase
 
     def run(self) -> tuple[MigrationReport, dict]:
         self.work.mkdir(parents=True, exist_ok=True)

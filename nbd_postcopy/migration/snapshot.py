@@ -32,7 +32,7 @@ from typing import TextIO
 
 from ..common.qmp import Qmp, VmError
 from . import snapshotdir
-from .destination import MigrateError, check_shared_ram, drive, wait_migration_completed
+from .destination import MigrateError, Narrator, check_shared_ram, drive, wait_migration_completed
 from .ram import RAM_ID, RamRegion
 from .snapshotdir import Manifest
 
@@ -82,17 +82,15 @@ def snapshot(options: SnapshotOptions) -> SnapshotReport:
     return _Snapshot(options).run()
 
 
-class _Snapshot:
+class _Snapshot(Narrator):
+    name = "snapshot"
+
     def __init__(self, options: SnapshotOptions):
         self.o = options
         self.stream = options.stream if options.stream is not None else sys.stderr
         self.target = Path(options.to).absolute()
         self.partial: Path | None = None
         self.paused_at: float | None = None  # time.monotonic() of the stop, while the VM is paused by us
-
-    def say(self, message: str) -> None:
-        if not self.o.quiet:
-            print(f"snapshot: {message}", file=self.stream, flush=True)
 
     def run(self) -> SnapshotReport:
         return drive(self.o.qmp, "snapshotted", self._run, self._fail)
