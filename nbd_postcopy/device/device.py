@@ -397,15 +397,11 @@ class Device:
         log.info("armed: %d mapped pages will be fetched from the source", self.mapped)
         self._check_complete()
 
-    def learn_zero_pages(self, source: PageSource, timeout: float | None = None,
-                         pace: Callable[[], None] | None = None) -> int:
+    def learn_zero_pages(self, source: PageSource, timeout: float | None = None) -> int:
         """Ask the source which guest pages are all zeros; mapped slots holding them become local
-        (their region of the page file is a hole). Returns the number of zero guest pages. `pace()`,
-        if given, runs before each block status request."""
+        (their region of the page file is a hole). Returns the number of zero guest pages."""
         steps = self.zero_page_steps(source, timeout)
         while True:
-            if pace is not None:
-                pace()
             try:
                 next(steps)
             except StopIteration as done:

@@ -431,3 +431,13 @@ def test_one_page_store_agrees_with_the_run_store(tmp_path, change):
         results.append((stored - (pages - 1), device.remaining + (pages - 1), device.read(3 * P, P)))
     assert results[0] == results[1]
     assert results[0][0] == (1 if change == "none" else 0)
+
+
+def test_fetched_zero_pages_stay_holes_in_the_page_file(tmp_path):
+    device, source = make_device(tmp_path, pages=64, headroom=0, image=random_image(64, zero_pages=(10, 11, 12)))
+    stage(device, {1: 10, 2: 11, 3: 12, 4: 13})
+    device.arm()
+    assert device.read(P, 4 * P) == source.image[10 * P : 14 * P]  # one run, three zero pages in it
+    assert device.fetched_zero == 3 and device.fetched["demand"] == 1
+    assert device._store.allocated_bytes() <= P  # only the data page was written
+    assert device.read(P, 3 * P) == bytes(3 * P)  # now local: read back from the holes
