@@ -226,13 +226,10 @@ def cmd_detach(argv: list[str], report: ConsoleReporter, settings: Settings) -> 
     parser.add_argument("--no-complete", action="store_true")
     for option in ("--pid", "--address", "--length"):
         parser.add_argument(option)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = _parse_names(parser, argv)
     if args.help:
         print(usage_detach(report.prog, settings), end="")
         return 0
-    options = [word for word in extra if word.startswith("-")]
-    if options:
-        raise UsageError(f"unknown option '{options[0]}'")
     if len(extra) != 1:
         raise UsageError(f"give exactly one NAME (see '{report.prog} status')")
     name = extra[0]
@@ -248,6 +245,15 @@ def cmd_detach(argv: list[str], report: ConsoleReporter, settings: Settings) -> 
     return 0
 
 
+def _parse_names(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options and the NAMEs; an option the parser does not know is a usage error (unless --help)."""
+    args, names = parser.parse_known_args(argv)
+    unknown = [word for word in names if word.startswith("-")]
+    if unknown and not args.help:
+        raise UsageError(f"unknown option '{unknown[0]}'")
+    return args, names
+
+
 def _parse(option: str, text: str, parse: Callable[[str], int]) -> int:
     try:
         return parse(text)
@@ -258,13 +264,10 @@ def _parse(option: str, text: str, parse: Callable[[str], int]) -> int:
 def cmd_status(argv: list[str], report: ConsoleReporter, settings: Settings) -> int:
     parser = _Parser()
     parser.add_argument("--json", action="store_true")
-    args, extra = parser.parse_known_args(argv)
+    args, extra = _parse_names(parser, argv)
     if args.help:
         print(usage_status(report.prog, settings), end="")
         return 0
-    options = [word for word in extra if word.startswith("-")]
-    if options:
-        raise UsageError(f"unknown option '{options[0]}'")
     if len(extra) > 1:
         raise UsageError("give at most one NAME")
     entries = status(extra[0] if extra else None, settings)
