@@ -40,8 +40,9 @@ MAX_RW_COUNT = 0x7FFFF000
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
 PM_PFN_MASK = (1 << 55) - 1
-KPF_MMAP = 11
-KPF_SWAPCACHE = 14
+KPF_MMAP = 11  # /proc/kpageflags bits (Documentation/admin-guide/mm/pagemap.rst)
+KPF_SWAPCACHE = 13
+KPF_SWAPBACKED = 14
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

@@ -50,7 +50,7 @@ PAGEOUT_CHUNK_PAGES = 2048  # 8 MiB per process_madvise, for progress
 MIN_HEADROOM_PAGES = 64  # free slots beyond the range: reclaim skips anon memory when swap is full
 DEVICE_SAMPLES = 32  # pages whose slot is read back from the device
 FALLBACK_ROUNDS = 4
-VERIFY_ATTEMPTS = 10  # a straggler held in a per-CPU batch can take a few rounds to let go
+VERIFY_ATTEMPTS = 10  # rounds of fallback for a page seen in the swap cache again after a round
 WRITEBACK_TIMEOUT = 120.0
 SETTLE_SECONDS = 1.0
 
@@ -265,14 +265,25 @@ class _Pages:
         for start in range(0, self.pages, self.SCAN_PAGES):
             recorded = [i for i in range(start, min(start + self.SCAN_PAGES, self.pages)) if frames.pfn[i]]
             flags = linux.page_flags([frames.pfn[i] for i in recorded])
-            candidates = [i for i, f in zip(recorded, flags)
-                          if f >> linux.KPF_SWAPCACHE & 1 and not f >> linux.KPF_MMAP & 1]
+            candidates = [i for i, f in zip(recorded, flags) if _unmapped_swap_cache(f)]
             now = linux.page_cgroups([frames.pfn[i] for i in candidates])
             cached += [i for i, cg in zip(candidates, now) if cg == frames.memcg[i]]
         return cached
 
     def close(self) -> None:
         self.pagemap.close()
+
+
+def _unmapped_swap_cache(flags: int) -> bool:
+    """A /proc/kpageflags word of an unmapped swap-cache page.
+
+    A swap-cache page is swap-backed too, but most swap-backed pages are not swap cache: a shmem page
+    (a frame that the page-out freed and another process of the same memcg reused for one) is unmapped
+    and swap-backed, and read as a straggler that never left the swap cache while this tested bit 14
+    (KPF_SWAPBACKED) for KPF_SWAPCACHE (bit 13) (docs/DESIGN.md, "Swap cache after staging").
+    """
+    return bool(flags >> linux.KPF_SWAPCACHE & 1 and flags >> linux.KPF_SWAPBACKED & 1
+                and not flags >> linux.KPF_MMAP & 1)
 
 
 def _describe(indices: list[int], address: int) -> str:

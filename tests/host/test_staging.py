@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -250,3 +251,24 @@ def test_stage_range_closes_what_it_opened_on_every_exit(monkeypatch, fails_at):
     assert not is_open(pidfds[0])
     assert events == {"view": [], "memcg": ["close view, pidfd open"],
                       "move": ["undo", "close view, pidfd open"]}[fails_at]
+
+
+def test_a_shmem_page_is_swap_backed_but_not_swap_cache():
+    """The kpageflags bits the swap-cache check reads: a shared anonymous page (shmem, like the O_DIRECT
+    buffer the verify step reads into) is swap-backed and not swap cache. Testing the swap-backed bit for
+    the swap-cache one took such a page, in a frame the page-out had freed, for a straggler."""
+    import mmap
+    from nbd_postcopy.host.staging import _unmapped_swap_cache
+
+    buf = mmap.mmap(-1, PAGE_SIZE)  # MAP_SHARED | MAP_ANONYMOUS: shmem
+    try:
+        buf[0] = 1
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # the temporary export ends here
+        with linux.Pagemap(os.getpid()) as pagemap:
+            flags = linux.page_flags([linux.pfn(pagemap.entries(address, 1)[0])])[0]
+    finally:
+        buf.close()
+    assert flags >> linux.KPF_SWAPBACKED & 1 and not flags >> linux.KPF_SWAPCACHE & 1
+    assert not _unmapped_swap_cache(flags & ~(1 << linux.KPF_MMAP))
+    swap_cache = 1 << linux.KPF_SWAPCACHE | 1 << linux.KPF_SWAPBACKED
+    assert _unmapped_swap_cache(swap_cache) and not _unmapped_swap_cache(swap_cache | 1 << linux.KPF_MMAP)
