@@ -11,15 +11,19 @@ runs the v2 path on Debian 12's kernel in the kernel lab).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from pathlib import Path
 
 from ..common.units import PAGE_SIZE
 
+log = logging.getLogger(__name__)
+
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 AUTO_PREFIX = "nbd-postcopy-stage-"
+NONE = "none"  # --memcg none: stage in the target's own memcg (InPlace)
 SWAP_PATH_PREFIX = "nbd-postcopy-swap-path-"
 
 
@@ -84,16 +88,27 @@ class Memcg:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot create memcg {path}: {exc.strerror}") from None
 
+    in_place = False  # see InPlace
+
     @classmethod
     def for_target(cls, pid: int, name: str = "auto") -> tuple["Memcg", Path]:
         """The memcg to stage `pid` in, and the memcg it is in now (to go back to).
 
-        `auto` makes a fresh child of the target's current memcg (so its limits still apply);
-        any other name is a path below the memory hierarchy's root, made if missing.
+        `auto` makes a fresh child of the target's current memcg (so its limits still apply); on cgroup v2
+        a cgroup that holds processes cannot give its children a memory controller (the "no internal
+        processes" rule: a systemd service or scope is such a leaf), and then `auto` stages in place, as
+        `none` does. Any other name is a path below the memory hierarchy's root, made if missing.
         """
         version, current = task_memcg(pid)
+        if name == NONE:
+            return InPlace(version, current), current
         if name == "auto":
             memcg = cls.open_or_create(version, current / f"{AUTO_PREFIX}{pid}")
+            if version == 2 and not (memcg.path / "memory.reclaim").exists():
+                if memcg.created:
+                    memcg.path.rmdir()
+                log.info("cgroup v2: %s cannot have a memory-controlled child; staging in place", current)
+                return InPlace(version, current), current
         else:
             root = V1_ROOT if version == 1 else _v2_root()
             assert root is not None
@@ -194,3 +209,27 @@ class Memcg:
                     raise OSError(exc.errno, f"cannot remove memcg {self.path}: {exc.strerror}") from None
                 time.sleep(0.02)  # exiting tasks leave the cgroup a moment after they are gone
         raise OSError(errno.EBUSY, f"memcg {self.path} still busy; remove it with: rmdir {self.path}")
+
+
+class InPlace(Memcg):
+    """Staging without a dedicated memcg: the target stays in its own, which is never reclaimed (that would
+    page out the target's other memory, onto the postcopy device). Every page then leaves the swap cache
+    through staging's per-page read-touch fallback, as pages touched before staging do."""
+
+    in_place = True
+
+    def __init__(self, version: int, path: Path):
+        super().__init__(version, path, created=False)
+
+    def move(self, pid: int) -> None:
+        pass
+
+    def purge(self) -> None:
+        pass
+
+    def stat(self) -> dict[str, int]:
+        try:
+            return super().stat()
+        except FileNotFoundError:  # the cgroup v2 root has no memory.stat
+            return {}
+

@@ -44,10 +44,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", required=True, metavar="KEYFILE", help="the per-migration secret shared with the device")
     p.add_argument("--device", required=True, metavar="DEV", help="the postcopy swap device (as in /proc/swaps)")
     p.add_argument("--control", metavar="SOCK", help="the device's control socket: cross-check its slot map")
-    p.add_argument("--memcg", default="auto", metavar="NAME|auto",
+    p.add_argument("--memcg", default="auto", metavar="auto|none|NAME",
                    help="memcg to stage in: 'auto' (default) makes a temporary child of the target's memcg and "
-                        "puts the target back afterwards; NAME (a path below the memory cgroup root) is made if "
-                        "missing and the target stays there")
+                        "puts the target back afterwards (on cgroup v2, where the target's cgroup cannot have a "
+                        "memory-controlled child, as in a systemd service, it stages in place, like 'none'); "
+                        "'none' leaves the target in its memcg and takes every page out of the swap cache one "
+                        "by one (slower); NAME (a path below the memory cgroup root) is made if missing and the "
+                        "target stays there")
     p.add_argument("--quiet", action="store_true", help="no progress output, only errors")
 
 

@@ -17,7 +17,9 @@
    control socket is given.
 
 With the default `memcg_name="auto"` the memcg is temporary: afterwards the target is back in its own
-memcg and the dedicated one is removed. On failure after the markers were written, the range is overwritten with zeros so that no marker can
+memcg and the dedicated one is removed. With `"none"` (and with `"auto"` where cgroup v2 allows no memory-
+controlled child, as in a systemd service) there is no dedicated memcg: the target stays where it is and
+every page goes through the fallback of step 5. On failure after the markers were written, the range is overwritten with zeros so that no marker can
 ever be read as guest data, the target goes back to its memcg and the dedicated memcg is removed.
 Staging destroys whatever the range held before; it is meant for fresh destination RAM.
 """
@@ -267,7 +269,8 @@ class _Pages:
             flags = linux.page_flags([frames.pfn[i] for i in recorded])
             candidates = [i for i, f in zip(recorded, flags) if _unmapped_swap_cache(f)]
             now = linux.page_cgroups([frames.pfn[i] for i in candidates])
-            cached += [i for i, cg in zip(candidates, now) if cg == frames.memcg[i]]
+            # memcg 0: unknown when recorded (a THP's tail page reports none), so any memcg matches
+            cached += [i for i, cg in zip(candidates, now) if cg == frames.memcg[i] or not frames.memcg[i]]
         return cached
 
     def close(self) -> None:
@@ -277,13 +280,12 @@ class _Pages:
 def _unmapped_swap_cache(flags: int) -> bool:
     """A /proc/kpageflags word of an unmapped swap-cache page.
 
-    A swap-cache page is swap-backed too, but most swap-backed pages are not swap cache: a shmem page
-    (a frame that the page-out freed and another process of the same memcg reused for one) is unmapped
-    and swap-backed, and read as a straggler that never left the swap cache while this tested bit 14
-    (KPF_SWAPBACKED) for KPF_SWAPCACHE (bit 13) (docs/DESIGN.md, "Swap cache after staging").
+    The bit is KPF_SWAPCACHE (13). Testing bit 14 (KPF_SWAPBACKED) instead took a shmem page (unmapped and
+    swap-backed: a frame that the page-out freed and another process of the same memcg reused for one)
+    for a straggler that never left the swap cache (docs/DESIGN.md, "Swap cache after staging"). The
+    tail pages of a swapped-out THP show KPF_SWAPCACHE but not KPF_SWAPBACKED, so only bit 13 counts.
     """
-    return bool(flags >> linux.KPF_SWAPCACHE & 1 and flags >> linux.KPF_SWAPBACKED & 1
-                and not flags >> linux.KPF_MMAP & 1)
+    return bool(flags >> linux.KPF_SWAPCACHE & 1 and not flags >> linux.KPF_MMAP & 1)
 
 
 def _describe(indices: list[int], address: int) -> str:
@@ -344,14 +346,20 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
                 foreign = frames.charged_elsewhere(memcg.inode)
                 if foreign:
                     log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
+                if memcg.in_place:
+                    log.info("staging in place in memcg %s: every page takes the read-touch fallback", memcg.path)
                 bar = Progress("paging out", pages, quiet=quiet, stream=stream)
                 pageout(pidfd, address, list(range(pages)), bar)
                 bar.finish()
-            wait_for_writeback(memcg, include_global=bool(foreign))
+            wait_for_writeback(memcg, include_global=bool(foreign) or memcg.in_place)
             phase("pageout")
             memcg.purge()
+            whole_range_done = False
             for attempt in range(VERIFY_ATTEMPTS):
                 leftovers = _leftovers(view, frames)
+                if not leftovers and not whole_range_done and _settled_swapcached(memcg):
+                    leftovers = _unseen_stragglers(view, memcg, pages)
+                    whole_range_done = bool(leftovers)
                 if leftovers:
                     report.fallback_pages += len(leftovers)
                     _fallback(pid, pidfd, address, view, memcg, leftovers, cpus, frames)
@@ -379,7 +387,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
             if isinstance(exc, StagingError):
                 raise StagingError(f"{exc}; {state}") from exc
             raise
-    if memcg_name == "auto":
+    if memcg_name == "auto" and not memcg.in_place:
         memcg.remove(home)
     report.seconds = time.monotonic() - started
     return report
@@ -400,6 +408,19 @@ def _leftovers(view: _Pages, frames: Frames, settle: float = SETTLE_SECONDS) -> 
         if not bad or time.monotonic() > deadline:
             return sorted(bad)
         time.sleep(0.02)
+
+
+def _unseen_stragglers(view: _Pages, memcg: Memcg, pages: int) -> list[int]:
+    """The memcg counts swap-cache pages that no recorded frame shows: pages that moved to other frames
+    after they were recorded (khugepaged collapsing them into a THP, compaction). A dedicated memcg is
+    purged again; if that is not enough, or in place, every page of the range gets the fallback (once).
+    Returns the pages to fall back on: none, or all of them."""
+    memcg.purge()
+    if not _settled_swapcached(memcg):
+        return []
+    log.info("memcg %s counts %d bytes in the swap cache that no recorded frame shows: the fallback takes "
+             "every page", memcg.path, memcg.swapcached_bytes())
+    return list(range(pages))
 
 
 def _fallback(pid: int, pidfd: int, address: int, view: _Pages, memcg: Memcg, pages: list[int],
@@ -468,10 +489,13 @@ def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
     """
     report.memcg_swapcached_bytes = _settled_swapcached(memcg)
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
+    if memcg.in_place:  # the target's own memcg: its count may include other processes' pages
+        _verify_other_memcgs(frames, exclude=0, version=memcg.version)
+        return
     if report.memcg_swapcached_bytes:
         raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
                            "swap cache after reclaim")
-    _verify_other_memcgs(frames, memcg)
+    _verify_other_memcgs(frames, exclude=memcg.inode, version=memcg.version)
 
 
 def _settled_swapcached(memcg: Memcg) -> int:
@@ -482,23 +506,23 @@ def _settled_swapcached(memcg: Memcg) -> int:
     return cached
 
 
-def _verify_other_memcgs(frames: Frames, memcg: Memcg) -> None:
-    """Pages touched before staging stay charged to the memcg they were in. A swap-cache copy of one of them
-    would be charged there too, so that memcg's swapcached counter must be 0 (it may include other
-    processes' pages: then this check cannot tell, and says so)."""
-    for inode in set(frames.memcg) - {0, memcg.inode}:
-        path = find_by_inode(memcg.version, inode)
+def _verify_other_memcgs(frames: Frames, exclude: int, version: int) -> None:
+    """Pages touched before staging (or staged in place) are charged to a memcg other than a dedicated one
+    (`exclude`). A swap-cache copy of one of them would be charged there too, so that memcg's swapcached
+    counter must be 0 (it may include other processes' pages: then this check cannot tell, and says so)."""
+    for inode in set(frames.memcg) - {0, exclude}:
+        path = find_by_inode(version, inode)
         if path is None:
             log.warning("pages of the range are charged to a memcg that no longer exists (inode %d): "
                         "its swap cache cannot be checked", inode)
             continue
-        cached = _settled_swapcached(Memcg(memcg.version, path, created=False))
+        cached = _settled_swapcached(Memcg(version, path, created=False))
         if cached:
             count = sum(1 for cg in frames.memcg if cg == inode)
             raise StagingError(
-                f"verify: {count} pages of the range were touched before staging and stay charged to memcg {path}, "
-                f"which has {cached} bytes in the swap cache: some may be pages of the range (stage memory that "
-                "was never touched, as an -incoming QEMU's, or make sure nothing else there uses swap)")
+                f"verify: {count} pages of the range are charged to memcg {path} (touched before staging, or "
+                f"staged in place), which has {cached} bytes in the swap cache: some may be pages of the range "
+                "(make sure nothing else in that memcg uses swap, or stage in a dedicated memcg with --memcg)")
 
 
 def record_target(device: str, pid: int, address: int, length: int) -> Path | None:
@@ -527,7 +551,9 @@ def _undo(pid: int, address: int, pages: int, written: bool, memcg: Memcg, home,
             notes.append("the range was overwritten with zeros (its old contents are gone)")
         except OSError as exc:
             notes.append(f"the range could NOT be zeroed ({exc.strerror or exc}): it may still hold markers")
-    if memcg_name == "auto":
+    if memcg.in_place:
+        notes.append(f"process {pid} stayed in memcg {home}")
+    elif memcg_name == "auto":
         try:
             memcg.remove(home)
             notes.append(f"process {pid} is back in memcg {home}")

@@ -1,6 +1,6 @@
 """Staging on cgroup v2 alone (no v1 memory hierarchy), as on a Debian 12 host: the swap cache is purged with
-`memory.reclaim`, and a target in a cgroup that cannot have memory-controlled children is refused with the
-way out (`--memcg NAME`). The swap device is the kernel nbd transport with nbdkit's `memory` stand-in."""
+`memory.reclaim`, and a target in a cgroup that cannot have memory-controlled children is staged in place
+(`auto` falls back to `--memcg none`). The swap device is the kernel nbd transport with nbdkit's `memory` stand-in."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from nbd_postcopy.common import linux
 from nbd_postcopy.host import memcg as memcg_module
 from nbd_postcopy.host.memcg import AUTO_PREFIX, V1_ROOT, Memcg, task_memcg
-from nbd_postcopy.host.staging import StagingError, stage_range
+from nbd_postcopy.host.staging import stage_range
 from tests.swapdev import attached_postcopy_swap, marker_image
 from tests.workload import Workload
 
@@ -85,21 +85,32 @@ def test_staging_purges_the_swap_cache_with_memory_reclaim(nbd_swap, processes, 
     work.exit()
 
 
-def test_a_target_in_a_leaf_cgroup_is_refused_then_staged_in_a_named_memcg(nbd_swap, processes, codec, cgroup):
+def test_a_target_in_a_leaf_cgroup_is_staged_in_place_or_in_a_named_memcg(nbd_swap, processes, run_dir, codec,
+                                                                          cgroup):
     """Like a process in a systemd service's cgroup: its children get no memory controller (a cgroup with
-    processes cannot enable one for them), so `auto` refuses and names the way out, which works."""
+    processes cannot enable one for them), so `auto` stages in place: the target never leaves its cgroup
+    and every page takes the read-touch fallback. A named memcg works too."""
     leaf = cgroup("nbd-postcopy-lab-service")
     work = Workload(processes, MIB, "--fresh")
     Memcg(2, leaf, created=False).move(work.pid)
 
-    with pytest.raises(StagingError, match=r"has no memory controller .* with --memcg NAME"):
-        stage_range(work.pid, work.address, work.length, codec, nbd_swap.device, quiet=True)
+    report = stage_range(work.pid, work.address, work.length, codec, nbd_swap.device, quiet=True)
+    assert report.fallback_pages == work.pages
     assert task_memcg(work.pid) == (2, leaf) and not list(leaf.glob(AUTO_PREFIX + "*"))
-
-    cgroup("nbd-postcopy-lab-staging")
-    report = stage_range(work.pid, work.address, work.length, codec, nbd_swap.device, quiet=True,
-                         memcg_name="nbd-postcopy-lab-staging")
-    assert report.memcg_swapcached_bytes == 0
     with linux.Pagemap(work.pid) as pagemap:
         assert all(linux.is_swapped(e) for e in pagemap.entries(work.address, work.pages))
+    pswpin = linux.vmstat("pswpin")["pswpin"]
+    assert work.command(f"verify-image {marker_image(codec, work.pages, run_dir / 'markers')}")["mismatched_pages"] == 0
+    assert linux.vmstat("pswpin")["pswpin"] - pswpin >= work.pages  # every read was a real swap-in
+
     work.exit()
+
+    other = Workload(processes, MIB, "--fresh")
+    Memcg(2, leaf, created=False).move(other.pid)
+    cgroup("nbd-postcopy-lab-staging")
+    report = stage_range(other.pid, other.address, other.length, codec, nbd_swap.device, quiet=True,
+                         memcg_name="nbd-postcopy-lab-staging")
+    assert report.memcg_swapcached_bytes == 0
+    with linux.Pagemap(other.pid) as pagemap:
+        assert all(linux.is_swapped(e) for e in pagemap.entries(other.address, other.pages))
+    other.exit()
