@@ -157,14 +157,7 @@ class Receiver(StepDriver):
         self._enter(Phase.LOCAL)
         local_at = time.monotonic()
         at_local = self._device("status")  # outages counted before the source goes away on purpose
-        chan.send("local")
-        try:
-            chan.expect("released", RELEASE_TIMEOUT)
-            released = True
-        except ch.ChannelError as exc:
-            released = False
-            self.say(f"warning: the sender did not confirm the source's release ({exc}); every page is here, "
-                     "so release the source by hand if it still runs")
+        released = self._announce_local()
         completion = complete_range(dst_pid, ram.address, ram.length, control=str(self.control),
                                     quiet=self.o.quiet, stream=self.stream)
         status = self._device("status")
@@ -193,6 +186,19 @@ class Receiver(StepDriver):
         return report
 
     # --- the steps -----------------------------------------------------------------------------------
+
+    def _announce_local(self) -> bool:
+        """Tell the sender that every page is here and wait for it to release the source. A channel that
+        fails now costs only that confirmation: the guest needs nothing more from the source, so receive
+        completes either way. Returns whether the sender confirmed."""
+        try:
+            self.channel.send("local")
+            self.channel.expect("released", RELEASE_TIMEOUT)
+            return True
+        except ch.ChannelError as exc:
+            self.say(f"warning: the sender did not confirm the source's release ({exc}); every page is here, "
+                     "so release the source by hand if it still runs")
+            return False
 
     def _check(self, qmp: Qmp, dst_pid: int, hello: ch.Message) -> RamRegion:
         if hello["version"] != ch.PROTOCOL_VERSION:

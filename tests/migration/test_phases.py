@@ -150,3 +150,27 @@ def test_a_failure_after_completion_or_already_reported_is_raised_as_it_is(drive
     migration = driver(phase)
     migration._fail(None, None, MigrateError("completion ended but the device still has 3 pages to fetch"))
     assert migration.phase is Phase.FAILED and migration.calls == []
+
+
+@pytest.mark.parametrize("fails_at", ["send", "expect"])
+def test_a_channel_lost_once_every_page_is_here_does_not_fail_receive(tmp_path, fails_at):
+    """At `local` the guest needs nothing more from the source: a channel lost then (on sending `local` or
+    waiting for `released`) costs the sender's confirmation, not the migration."""
+    import io
+
+    from nbd_postcopy.migration import channel as ch
+    from nbd_postcopy.migration.receive import ReceiveOptions, Receiver
+
+    class LostChannel:
+        def send(self, message_type, **fields):
+            if fails_at == "send":
+                raise ch.ChannelError("the sender closed the channel")
+
+        def expect(self, message_type, timeout):
+            raise ch.ChannelError("the sender closed the channel")
+
+    out = io.StringIO()
+    receiver = Receiver(ReceiveOptions(Path("/nonexistent.qmp"), "127.0.0.1", 0, tmp_path, stream=out))
+    receiver.channel = LostChannel()
+    assert receiver._announce_local() is False
+    assert "did not confirm the source's release" in out.getvalue()
