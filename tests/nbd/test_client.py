@@ -376,6 +376,42 @@ def test_a_server_without_identity_is_learned_as_none(processes, run_dir, image,
         client.close()
 
 
+def test_a_restarted_source_with_another_certificate_is_refused_and_never_read(processes, run_dir, image,
+                                                                             tls_files):
+    """The same socket, image and instance id, and a certificate from the same CA, so TLS itself accepts it:
+    another machine set up like the source. Only the certificate tells, and it is refused, never read."""
+    path, data = image
+    d = tls_files
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", "other-key.pem", "-out", "other.csr", "-subj", "/CN=localhost"],
+                   cwd=d, check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", "other.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                    "-CAcreateserial", "-out", "other-cert.pem", "-days", "2", "-extfile", "san.ext"],
+                   cwd=d, check=True, capture_output=True)
+
+    def serve(name: str, *extra):
+        return start_server(processes, run_dir, "nbd-postcopy", path, "--instance-id", "source-1", "--tls", "require",
+                            "--tls-cert", d / f"{name}-cert.pem", "--tls-key", d / f"{name}-key.pem", *extra)
+
+    proc, sock = serve("server")
+    refusals = []
+    client = SourceClient(f"nbds+unix:///ram?socket={sock}&tls-certificates={d / 'ca-only'}",
+                          identity=SourceIdentity(on_refused=refusals.append))
+    try:
+        assert client.read(0, PAGE) == data[:PAGE]
+        kill(proc)
+        sock.unlink()  # so that waiting for the socket waits for the new server
+        port = free_tcp_port()
+        serve("other", "--metrics-listen", f"127.0.0.1:{port}")
+        with pytest.raises(SourceUnavailable):
+            client.read(PAGE, PAGE, timeout=2)
+        assert refusals and "another TLS certificate" in refusals[0] and "instance id" not in refusals[0]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "nbd_postcopy_server_read_bytes_total 0.0" in metrics  # not one byte was read from it
+    finally:
+        client.close()
+
+
 def test_identity_checks_the_tls_certificate_too():
     identity = SourceIdentity()
     identity.check("src", "aa" * 32, "nbds://x")
