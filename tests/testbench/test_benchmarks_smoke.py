@@ -66,7 +66,9 @@ def test_bench_device_swapin_smoke(run_dir: Path):
                   "--touches", "50", "--swapin-rounds", "1", "--bulk-mib", "0", "--results-dir", run_dir, timeout=300)
     table = (run_dir / "device.md").read_text()
     for row in ("postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve",
-                "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)"):
+                "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)",
+                "postcopy, page already local: loop + nbdfuse + nbdkit + plugin (prefetched)",
+                "C one hop: loop + nbdfuse + nbdkit memory (C)"):
         assert f"| {row} |" in table
 
 
