@@ -212,9 +212,15 @@ class Memcg:
 
 
 class InPlace(Memcg):
-    """Staging without a dedicated memcg: the target stays in its own, which is never reclaimed (that would
-    page out the target's other memory, onto the postcopy device). Every page then leaves the swap cache
-    through staging's per-page read-touch fallback, as pages touched before staging do."""
+    """Staging without a dedicated memcg: the target stays in its own memcg, which is never reclaimed in
+    whole (that would page the target's other memory out, onto the postcopy device).
+
+    On cgroup v2, purge() asks `memory.reclaim` for as many bytes as the memcg has in the swap cache: the
+    staged pages there are clean and unmapped, the cheapest memory to reclaim. Cgroup v1 has no bounded
+    reclaim (`memory.force_empty` takes everything), so there purge() does nothing and each page leaves
+    the swap cache through staging's read-touch fallback alone. That converges only while swap is less
+    than half full: above that, a swap-in frees the page's swap slot (the kernel's vm_swap_full()), and
+    the page-out that follows writes it to a new slot, back into the swap cache."""
 
     in_place = True
 
@@ -225,7 +231,16 @@ class InPlace(Memcg):
         pass
 
     def purge(self) -> None:
-        pass
+        if self.version == 1:
+            return
+        cached = self.swapcached_bytes()
+        if not cached:
+            return
+        try:
+            self._write("memory.reclaim", str(cached))
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EAGAIN):
+                raise
 
     def stat(self) -> dict[str, int]:
         try:

@@ -48,8 +48,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="memcg to stage in: 'auto' (default) makes a temporary child of the target's memcg and "
                         "puts the target back afterwards (on cgroup v2, where the target's cgroup cannot have a "
                         "memory-controlled child, as in a systemd service, it stages in place, like 'none'); "
-                        "'none' leaves the target in its memcg and takes every page out of the swap cache one "
-                        "by one (slower); NAME (a path below the memory cgroup root) is made if missing and the "
+                        "'none' leaves the target in its memcg and takes the staged pages out of the swap cache "
+                        "with bounded reclaim (cgroup v2) or one by one (v1: only while swap is less than half "
+                        "full); NAME (a path below the memory cgroup root) is made if missing and the "
                         "target stays there")
     p.add_argument("--quiet", action="store_true", help="no progress output, only errors")
 

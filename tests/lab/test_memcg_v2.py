@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.root]
 
 CGROUP2 = Path("/sys/fs/cgroup")
 MIB = 16
+LEAF_MIB = 44  # of the 64 MiB device: more than half, as in a migration
 
 
 @pytest.fixture
@@ -88,15 +89,17 @@ def test_staging_purges_the_swap_cache_with_memory_reclaim(nbd_swap, processes, 
 def test_a_target_in_a_leaf_cgroup_is_staged_in_place_or_in_a_named_memcg(nbd_swap, processes, run_dir, codec,
                                                                           cgroup):
     """Like a process in a systemd service's cgroup: its children get no memory controller (a cgroup with
-    processes cannot enable one for them), so `auto` stages in place: the target never leaves its cgroup
-    and every page takes the read-touch fallback. A named memcg works too."""
+    processes cannot enable one for them), so `auto` stages in place: the target never leaves its cgroup,
+    whose swap-cache bytes (and only as many) `memory.reclaim` takes back. The range fills most of the
+    device, as a migration's does: with swap more than half full, a read-touch frees a page's swap slot,
+    so the read-touch fallback alone would never converge. A named memcg works too."""
     leaf = cgroup("nbd-postcopy-lab-service")
-    work = Workload(processes, MIB, "--fresh")
+    work = Workload(processes, LEAF_MIB, "--fresh")
     Memcg(2, leaf, created=False).move(work.pid)
 
     report = stage_range(work.pid, work.address, work.length, codec, nbd_swap.device, quiet=True)
-    assert report.fallback_pages == work.pages
     assert task_memcg(work.pid) == (2, leaf) and not list(leaf.glob(AUTO_PREFIX + "*"))
+    assert report.memcg_swapcached_bytes == 0
     with linux.Pagemap(work.pid) as pagemap:
         assert all(linux.is_swapped(e) for e in pagemap.entries(work.address, work.pages))
     pswpin = linux.vmstat("pswpin")["pswpin"]
