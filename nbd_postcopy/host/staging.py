@@ -374,8 +374,10 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
                 time.sleep(0.1 * (attempt + 1))  # give per-CPU LRU batches time to drain before the next round
                 linux.drain_lru_batches()  # and drain them on every CPU (docs/DESIGN.md, "Swap cache after staging")
             else:
+                hint = ("; staging in place on cgroup v1 has only the read-touch fallback, which needs swap less "
+                        "than half full: stage with --memcg auto" if memcg.in_place and memcg.version == 1 else "")
                 raise StagingError(f"verify: still in the swap cache after {VERIFY_ATTEMPTS} attempts (a touch would "
-                                   f"not reach the device): {_describe(cached, address)}")
+                                   f"not reach the device): {_describe(cached, address)}{hint}")
             _verify_counters(report, memcg, frames)
             if control:
                 report.device_mapped = _check_device_map(control, pages)
