@@ -18,9 +18,10 @@
 
 With the default `memcg_name="auto"` the memcg is temporary: afterwards the target is back in its own
 memcg and the dedicated one is removed. With `"none"` (and with `"auto"` where cgroup v2 allows no memory-
-controlled child, as in a systemd service) there is no dedicated memcg: the target stays where it is and
-every page goes through the fallback of step 5. On failure after the markers were written, the range is overwritten with zeros so that no marker can
-ever be read as guest data, the target goes back to its memcg and the dedicated memcg is removed.
+controlled child, as in a systemd service) there is no dedicated memcg: the target stays where it is, and
+step 5 reclaims from its memcg no more than that memcg has in the swap cache (memcg.InPlace). On failure
+after the markers were written, the range is overwritten with zeros so that no marker can ever be read as
+guest data, the target goes back to its memcg and the dedicated memcg is removed.
 Staging destroys whatever the range held before; it is meant for fresh destination RAM.
 """
 
@@ -347,7 +348,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
                 if foreign:
                     log.info("%d pages were touched before staging and stay charged to another memcg", foreign)
                 if memcg.in_place:
-                    log.info("staging in place in memcg %s: every page takes the read-touch fallback", memcg.path)
+                    log.info("staging in place in memcg %s (no dedicated memcg)", memcg.path)
                 bar = Progress("paging out", pages, quiet=quiet, stream=stream)
                 pageout(pidfd, address, list(range(pages)), bar)
                 bar.finish()
@@ -358,7 +359,7 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
             for attempt in range(VERIFY_ATTEMPTS):
                 leftovers = _leftovers(view, frames)
                 if not leftovers and not whole_range_done and _settled_swapcached(memcg):
-                    leftovers = _unseen_stragglers(view, memcg, pages)
+                    leftovers = _unseen_stragglers(memcg, pages)
                     whole_range_done = bool(leftovers)
                 if leftovers:
                     report.fallback_pages += len(leftovers)
@@ -412,7 +413,7 @@ def _leftovers(view: _Pages, frames: Frames, settle: float = SETTLE_SECONDS) -> 
         time.sleep(0.02)
 
 
-def _unseen_stragglers(view: _Pages, memcg: Memcg, pages: int) -> list[int]:
+def _unseen_stragglers(memcg: Memcg, pages: int) -> list[int]:
     """The memcg counts swap-cache pages that no recorded frame shows: pages that moved to other frames
     after they were recorded (khugepaged collapsing them into a THP, compaction). A dedicated memcg is
     purged again; if that is not enough, or in place, every page of the range gets the fallback (once).
@@ -491,13 +492,11 @@ def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
     """
     report.memcg_swapcached_bytes = _settled_swapcached(memcg)
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
-    if memcg.in_place:  # the target's own memcg: its count may include other processes' pages
-        _verify_other_memcgs(frames, exclude=0, version=memcg.version)
-        return
-    if report.memcg_swapcached_bytes:
+    if report.memcg_swapcached_bytes and not memcg.in_place:
         raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
                            "swap cache after reclaim")
-    _verify_other_memcgs(frames, exclude=memcg.inode, version=memcg.version)
+    # In place the target's own memcg is one of the "other" ones: its count may include other processes' pages.
+    _verify_other_memcgs(frames, exclude=0 if memcg.in_place else memcg.inode, version=memcg.version)
 
 
 def _settled_swapcached(memcg: Memcg) -> int:
