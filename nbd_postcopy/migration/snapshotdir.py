@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.units import PAGE_SIZE
+from ..nbd.protocol import zero_runs
 
 FORMAT = "nbd-postcopy-snapshot"
 VERSION = 1
@@ -31,7 +32,6 @@ RAM = "ram"
 WORKINGSET = "workingset"
 CHUNK = 1 << 20  # bytes read per call while copying or hashing
 ZERO_CHUNK = bytes(CHUNK)
-ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class SnapshotError(Exception):
@@ -73,6 +73,9 @@ class Manifest:
                     part[key]  # noqa: B018 (present)
         except (KeyError, TypeError) as exc:
             raise SnapshotError(f"{where} lacks {exc}") from None
+        if manifest.machine["ram_bytes"] != manifest.ram["bytes"]:  # QEMU is checked against one, the file the other
+            raise SnapshotError(f"{where} is inconsistent: the machine's RAM is {manifest.machine['ram_bytes']} "
+                                f"bytes, the RAM file's {manifest.ram['bytes']}")
         return manifest
 
 
@@ -186,18 +189,11 @@ def _data_extents(fd: int, base: int, length: int, seek_data: bool) -> list[tupl
 
 def _write_nonzero_pages(fd: int, chunk: bytearray, offset: int) -> int:
     """Write the runs of pages of `chunk` that are not all zeros at `offset` + their place; returns bytes written."""
+    view = memoryview(chunk)
     written = 0
-    run_start = None
-    pages = len(chunk) // PAGE_SIZE
-    for i in range(pages + 1):
-        zero = i == pages or chunk[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == ZERO_PAGE
-        if not zero and run_start is None:
-            run_start = i
-        elif zero and run_start is not None:
-            data = memoryview(chunk)[run_start * PAGE_SIZE : i * PAGE_SIZE]
-            os.pwrite(fd, data, offset + run_start * PAGE_SIZE)
-            written += len(data)
-            run_start = None
+    for start, end, zero in zero_runs(chunk):
+        if not zero:
+            written += os.pwrite(fd, view[start:end], offset + start)
     return written
 
 

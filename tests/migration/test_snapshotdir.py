@@ -110,6 +110,7 @@ def test_bad_manifests_say_what_is_wrong(tmp_path):
         (lambda d: d.update(format="other"), "is not an nbd-postcopy snapshot manifest"),
         (lambda d: d["ram"].pop("sha256"), "lacks 'sha256'"),
         (lambda d: d.pop("machine"), "lacks 'machine'"),
+        (lambda d: d["machine"].update(ram_bytes=4 * P), "the machine's RAM is 16384 bytes, the RAM file's 8192"),
     ]:
         bad = json.loads(json.dumps(data))
         change(bad)
