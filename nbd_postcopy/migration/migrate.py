@@ -46,7 +46,7 @@ from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
 from ..common.linux import free_port, terminate
-from .destination import (  # (also imported from here by receive.py and the tests)
+from .destination import (  # (the tests import some of them from here)
     MigrateError,
     Narrator,
     attach_device,
@@ -54,7 +54,6 @@ from .destination import (  # (also imported from here by receive.py and the tes
     detach_device,
     exited as _exited,
     fault_latency,
-    histogram_quantiles,
     memdev_property as _memdev_property,
     wait_for_prefetch,
     wait_gone as _wait_gone,

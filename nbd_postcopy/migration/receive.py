@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +38,16 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..host.staging import stage_range
 from . import channel as ch
-from .destination import StepDriver
-from .migrate import (
+from .destination import (
     MigrateError,
-    _connect,
-    _exited,
+    StepDriver,
     attach_device,
-    _memdev_property,
-    _wait_gone,
-    histogram_quantiles,
+    connect,
+    detach_device,
+    exited,
+    fault_latency,
+    memdev_property,
+    wait_gone,
 )
 from .ram import RAM_ID, RamRegion, ram_region_of
 
@@ -100,7 +100,7 @@ class Receiver(StepDriver):
 
     def run(self) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)
-        qmp = _connect(self.o.qmp, "destination")
+        qmp = connect(self.o.qmp, "destination")
         try:
             with ch.Listener(self.o.listen_host, self.o.listen_port, self.o.tls) as listener:
                 if self.o.tls is None:
@@ -161,7 +161,7 @@ class Receiver(StepDriver):
         completion = complete_range(dst_pid, ram.address, ram.length, control=str(self.control),
                                     quiet=self.o.quiet, stream=self.stream)
         status = self._device("status")
-        faults = self._fault_latency()
+        faults = fault_latency(self.metrics_port)
         self._detach()
         self._enter(Phase.DONE)
         report = {
@@ -209,7 +209,7 @@ class Receiver(StepDriver):
                                f"--memdev {self.o.memdev!r}")
         if (state := qmp.status()) != "inmigrate":
             raise MigrateError(f"the destination QEMU (pid {dst_pid}) is {state!r}: start it with -incoming defer")
-        if _memdev_property(qmp, self.o.memdev, "share"):
+        if memdev_property(qmp, self.o.memdev, "share"):
             raise MigrateError(f"the destination's memory backend {self.o.memdev!r} is shared: "
                                "use memory-backend-ram (anonymous memory) here")
         try:
@@ -257,7 +257,7 @@ class Receiver(StepDriver):
                 return qmp.wait_event("RESUME", after=mark, timeout=0.2)
             except VmError:
                 pass
-            if _exited(dst_pid):
+            if exited(dst_pid):
                 raise MigrateError("the destination QEMU exited while the device state arrived")
             if time.monotonic() > deadline:
                 raise MigrateError(f"the guest did not resume within {STEP_TIMEOUT:g}s")
@@ -278,7 +278,7 @@ class Receiver(StepDriver):
                 except ch.ChannelError as exc:
                     log.warning("the channel to the sender is gone (%s); carrying on", exc)
             time.sleep(PROGRESS_INTERVAL)
-            if _exited(dst_pid):
+            if exited(dst_pid):
                 raise MigrateError(f"the destination QEMU (pid {dst_pid}) exited after the switchover with "
                                    f"{remaining} pages still at the source (a swap-in that waited longer than the "
                                    "device's timeout fails, and kills the guest)")
@@ -292,19 +292,9 @@ class Receiver(StepDriver):
         except ControlError as exc:
             raise MigrateError(f"the device does not answer ({exc}); see {self.swap_state / 'log'}") from None
 
-    def _fault_latency(self):
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        except OSError:
-            return None, None
-        return histogram_quantiles(text, "nbd_postcopy_fault_seconds", (0.5, 0.99))
-
     def _detach(self) -> None:
-        report = attachment.CollectingReporter()
-        try:
-            attachment.detach(self.swap_name, complete=False, report=report)
-        except attachment.AttachmentError as exc:
-            raise MigrateError(f"detaching {self.swap_name} failed: {exc}\n{report.text}") from None
+        if not detach_device(self.swap_name):
+            raise MigrateError(f"detaching {self.swap_name} failed (the reason is in the log above)")
 
     def _fail(self, qmp: Qmp, exc: BaseException) -> None:
         """Undo what the phase allows, tell the sender, and say what is left."""
@@ -322,20 +312,12 @@ class Receiver(StepDriver):
                     qmp.execute("quit", timeout=5)
                 except VmError:
                     pass
-                _wait_gone(pid, 15.0)  # its staged RAM must go before swapoff
-                report = attachment.CollectingReporter()
-                try:
-                    attachment.detach(self.swap_name, complete=False, report=report)
-                except attachment.AttachmentError as detach_error:
-                    log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
+                wait_gone(pid, 15.0)  # its staged RAM must go before swapoff
+                detach_device(self.swap_name)
             return
-        qemu_gone = _exited(self.dst_pid)
+        qemu_gone = exited(self.dst_pid)
         if qemu_gone:  # nothing needs the device any more: take it down
-            report = attachment.CollectingReporter()
-            try:
-                attachment.detach(self.swap_name, complete=False, report=report)
-            except attachment.AttachmentError as detach_error:
-                log.error("detaching %s failed: %s\n%s", self.swap_name, detach_error, report.text)
+            detach_device(self.swap_name)
             message = (f"the destination QEMU exited after the switchover ({reason}); the source QEMU is paused "
                        "with the guest's memory intact: the QMP command 'cont' resumes it there")
         else:

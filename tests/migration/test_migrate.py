@@ -12,7 +12,8 @@ import pytest
 
 from nbd_postcopy.migration import migrate as migrate_module
 from nbd_postcopy.testbench.guest import Failure, Heartbeat, PassOk, prepare_guest
-from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, histogram_quantiles, migrate
+from nbd_postcopy.migration.destination import histogram_quantiles
+from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, migrate
 from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
 from nbd_postcopy.common.qmp import VmError
 from nbd_postcopy.host.attachment import State
