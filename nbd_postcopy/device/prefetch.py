@@ -8,8 +8,9 @@ Scheduling (PrefetchScheduler, no threads or sockets, unit-tested on its own):
      neighbouring slots hold neighbouring guest pages);
   2. then a sweep over all slots, resuming where it stopped.
 Zero pages: until the source has reported the whole image, one block status request goes out before
-each batch, so fetching starts at once while large holes are still skipped as soon as they are learned;
-zero pages inside a fetched run arrive as holes anyway and stay holes in the page file.
+each batch, so fetching starts at once; the zero pages learned are settled (never fetched) once the whole
+image is reported, and zero pages the sweep fetched before that arrive as holes on the wire and stay holes
+in the page file.
 Pacing: one batch of WINDOW runs (512 KiB) is in flight at a time, back to back, with no waiting for
 gaps in demand. Demand fetches have their own source connection (and, between hosts, their own
 priority on the wire: docs/DESIGN.md, "Demand before prefetch on the wire"), so a demand request waits
@@ -38,6 +39,20 @@ RETRY_PAUSE = 1.0  # after a failed prefetch fetch
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
 
 
+def _clipped(found: list[Run], chosen: list[Run]) -> list[Run]:
+    """`found` without the slots that `chosen` (or an earlier run of `found`) already covers: lookups that
+    start inside one pending run (two recorded pages a few slots apart, neighbouring fault hints) find
+    overlapping runs, and each page must go over the wire once. A clipped run is still consecutive."""
+    out: list[Run] = []
+    for run in found:
+        pieces = [(run.slot, run.slot + run.count)]
+        for other in (*chosen, *out):
+            a, b = other.slot, other.slot + other.count
+            pieces = [(s, e) for s0, e0 in pieces for s, e in ((s0, min(e0, a)), (max(s0, b), e0)) if s < e]
+        out += [Run(s, run.guest + s - run.slot, e - s) for s, e in pieces]
+    return out
+
+
 class PrefetchScheduler:
     """Chooses the next runs to prefetch: fault neighbourhoods first, then a sweep."""
 
@@ -62,7 +77,7 @@ class PrefetchScheduler:
         while self._replay and len(runs) < max_runs:
             slot = self._replay.popleft()
             found = self.device.pending_runs(slot, slot + REPLAY_SPAN, max_runs - len(runs), self.run_pages)
-            runs += [run for run in found if run not in runs]
+            runs += _clipped(found, runs)
         return runs
 
     def hint(self, slot: int) -> None:
@@ -74,13 +89,13 @@ class PrefetchScheduler:
         while self._hints and len(runs) < max_runs:
             slot = self._hints.pop()  # newest first
             found = self.device.pending_runs(slot - self.behind, slot + self.ahead, max_runs - len(runs), self.run_pages)
-            runs += found
+            runs += _clipped(found, runs)
             if len(runs) >= max_runs:
                 self._hints.append(slot)  # its neighbourhood may hold more
         wrapped = False
         while len(runs) < max_runs:
             found = self.device.pending_runs(self._cursor, self.device.slots, max_runs - len(runs), self.run_pages)
-            found = [run for run in found if run not in runs]
+            found = _clipped(found, runs)
             if found:
                 runs += found
                 self._cursor = found[-1].slot + found[-1].count
@@ -157,7 +172,7 @@ class Prefetcher:
         self.replayed = len(slots)
         fetched = self.device.fetched["prefetch"]
         while not self._stop.is_set():
-            runs = self.scheduler.replay_runs(WINDOW)
+            runs = self.scheduler.replay_runs(WINDOW * self.scheduler.run_pages // REPLAY_SPAN)  # a full batch
             if not runs:
                 break
             try:
@@ -177,8 +192,7 @@ class Prefetcher:
 
     def _learn_zero_pages(self) -> Iterator[None]:
         """The device's zero page learning, one block status request per step: the prefetcher takes a
-        step before each batch, so fetching starts at once and large holes are skipped as soon as
-        learned (docs/DESIGN.md, "Zero pages")."""
+        step before each batch, so fetching starts at once (docs/DESIGN.md, "Zero pages")."""
         started = time.monotonic()
         try:
             zero = yield from self.device.zero_page_steps(self.source, self.timeout)

@@ -94,7 +94,7 @@ def test_prefetcher_fetches_everything_then_completes(tmp_path, caplog):
     finally:
         prefetcher.close()
     assert "all pages are local: the source can be released" in caplog.text
-    assert device.fetched["prefetch"] == pages - 3 + 1  # zero pages were never fetched
+    assert device.fetched["prefetch"] == pages - 3 + 1 and device.fetched_zero == 0  # zero pages were never fetched
     assert all(len(call) <= WINDOW and all(length <= 64 * P for _, length in call) for call in prefetch_source.calls)
     source.down = True
     assert device.read(P, pages * P) == source.image
@@ -125,5 +125,19 @@ def test_steady_demand_does_not_starve_the_prefetcher(tmp_path):
         prefetcher.close()
     assert device.complete and device.fetched["demand"] > 0
     assert device.fetched["demand"] + device.fetched["prefetch"] == pages
+    assert device.fetched["prefetch"] > device.fetched["demand"]  # the prefetcher was not starved
     full = [call for call in prefetch_source.calls if len(call) == WINDOW]
-    assert len(full) >= len(prefetch_source.calls) - 1  # only the last batch may hold less
+    assert full and len(full) >= len(prefetch_source.calls) - 1  # only the last batch may hold less
+
+
+def test_overlapping_lookups_never_fetch_a_page_twice(tmp_path):
+    """Recorded pages a few slots apart (and neighbouring fault hints) start lookups inside one pending run."""
+    device, source = identity_staged(tmp_path)
+    scheduler = PrefetchScheduler(device, run_pages=64, behind=16, ahead=256)
+    scheduler.replay([700, 702, 704])
+    assert scheduler.replay_runs(8) == [Run(700, 699, 8), Run(708, 707, 2), Run(710, 709, 2)]
+    scheduler.hint(300)
+    scheduler.hint(310)
+    runs = scheduler.next_runs(8)
+    slots = [slot for run in runs for slot in range(run.slot, run.slot + run.count)]
+    assert len(slots) == len(set(slots))
