@@ -68,6 +68,22 @@ def check_shared_ram(qmp: Qmp, pid: int, memdev: str, qemu: str = "the source QE
         raise MigrateError(str(exc)) from None
 
 
+def check_incoming_ram(qmp: Qmp, pid: int, memdev: str, qemu: str = "the destination QEMU") -> RamRegion:
+    """The guest RAM of a QEMU waiting with -incoming defer, which staging writes: it must be anonymous
+    memory (memory-backend-ram). `qemu` names it in the messages."""
+    if (state := qmp.status()) != "inmigrate":
+        raise MigrateError(f"{qemu} (pid {pid}) is {state!r}: start it with -incoming defer")
+    if memdev_property(qmp, memdev, "share"):
+        raise MigrateError(f"{qemu}'s memory backend {memdev!r} is shared: use memory-backend-ram (anonymous memory)")
+    try:
+        ram = ram_region_of(pid, qmp, memdev)
+    except VmError as exc:
+        raise MigrateError(str(exc)) from None
+    if ram.path:
+        raise MigrateError(f"{qemu}'s guest RAM is mapped from {ram.path}, not anonymous memory")
+    return ram
+
+
 def wait_migration_completed(qmp: Qmp, mark: int, timeout: float) -> None:
     """Wait for the outgoing migration started after event position `mark`; MigrateError unless it completed."""
     status = qmp.wait_migration(after=mark, timeout=timeout)

@@ -50,16 +50,17 @@ from .destination import (  # (the tests import some of them from here)
     MigrateError,
     Narrator,
     attach_device,
+    check_incoming_ram,
+    check_shared_ram,
     connect as _connect,
     detach_device,
     exited as _exited,
     fault_latency,
-    memdev_property as _memdev_property,
     wait_for_prefetch,
     wait_gone as _wait_gone,
     wait_migration_completed,
 )
-from .ram import RAM_ID, RamRegion, ram_region_of
+from .ram import RAM_ID, RamRegion
 from ..common.qmp import Qmp, QmpEvent, VmError
 from ..host.staging import stage_range
 
@@ -370,26 +371,10 @@ class _Migration(PhasedDriver):
     # --- the steps ---------------------------------------------------------------------------------
 
     def _check(self, source: Qmp, destination: Qmp, src_pid: int, dst_pid: int) -> tuple[RamRegion, RamRegion]:
-        if (state := source.status()) != "running":
-            raise MigrateError(f"the source QEMU (pid {src_pid}) is {state!r}, not running")
-        if (state := destination.status()) != "inmigrate":
-            raise MigrateError(f"the destination QEMU (pid {dst_pid}) is {state!r}: start it with -incoming defer")
-        if not _memdev_property(source, self.o.memdev, "share"):
-            raise MigrateError(
-                f"the source's memory backend {self.o.memdev!r} is not shared: start the source with "
-                f"memory-backend-file or memory-backend-memfd and share=on (see the README)")
-        if _memdev_property(destination, self.o.memdev, "share"):
-            raise MigrateError(f"the destination's memory backend {self.o.memdev!r} is shared: "
-                               "use memory-backend-ram (anonymous memory) there")
-        try:
-            src_ram = ram_region_of(src_pid, source, self.o.memdev)
-            dst_ram = ram_region_of(dst_pid, destination, self.o.memdev)
-        except VmError as exc:
-            raise MigrateError(str(exc)) from None
+        src_ram = check_shared_ram(source, src_pid, self.o.memdev)
+        dst_ram = check_incoming_ram(destination, dst_pid, self.o.memdev)
         if src_ram.length != dst_ram.length:
             raise MigrateError(f"guest RAM sizes differ: source {src_ram.length} bytes, destination {dst_ram.length}")
-        if dst_ram.path:
-            raise MigrateError(f"the destination's guest RAM is mapped from {dst_ram.path}, not anonymous memory")
         return src_ram, dst_ram
 
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:

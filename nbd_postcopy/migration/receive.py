@@ -42,14 +42,14 @@ from .destination import (
     MigrateError,
     StepDriver,
     attach_device,
+    check_incoming_ram,
     connect,
     detach_device,
     exited,
     fault_latency,
-    memdev_property,
     wait_gone,
 )
-from .ram import RAM_ID, RamRegion, ram_region_of
+from .ram import RAM_ID, RamRegion
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +207,7 @@ class Receiver(StepDriver):
         if hello["memdev"] != self.o.memdev:
             raise MigrateError(f"the sender migrates memory backend {hello['memdev']!r}, this side has "
                                f"--memdev {self.o.memdev!r}")
-        if (state := qmp.status()) != "inmigrate":
-            raise MigrateError(f"the destination QEMU (pid {dst_pid}) is {state!r}: start it with -incoming defer")
-        if memdev_property(qmp, self.o.memdev, "share"):
-            raise MigrateError(f"the destination's memory backend {self.o.memdev!r} is shared: "
-                               "use memory-backend-ram (anonymous memory) here")
-        try:
-            ram = ram_region_of(dst_pid, qmp, self.o.memdev)
-        except VmError as exc:
-            raise MigrateError(str(exc)) from None
-        if ram.path:
-            raise MigrateError(f"the destination's guest RAM is mapped from {ram.path}, not anonymous memory")
+        ram = check_incoming_ram(qmp, dst_pid, self.o.memdev)
         if ram.length != hello["guest_bytes"]:
             raise MigrateError(f"guest RAM sizes differ: source {hello['guest_bytes']} bytes, "
                                f"destination {ram.length}")

@@ -48,15 +48,15 @@ from ..host.staging import stage_range
 from . import snapshotdir
 from .destination import (
     MigrateError,
+    check_incoming_ram,
     drive,
     exited,
-    memdev_property,
     wait_for_prefetch,
     wait_gone,
 )
 from .migrate import Phase, PhasedDriver, Policy
 from .pageserver import PageServerError, PageServerProcess
-from .ram import RamRegion, ram_region_of
+from .ram import RamRegion
 from .snapshot import machine_of
 from .snapshotdir import Manifest, SnapshotError
 
@@ -285,16 +285,10 @@ class _Restore(PhasedDriver):
 
     def _check_qemu(self, qmp: Qmp, manifest: Manifest) -> RamRegion:
         memdev = manifest.memdev
-        if (state := qmp.status()) != "inmigrate":
-            raise RestoreError(f"the QEMU (pid {self.pid}) is {state!r}: start it with -incoming defer")
         try:
-            ram = ram_region_of(self.pid, qmp, memdev)
-        except VmError as exc:
+            ram = check_incoming_ram(qmp, self.pid, memdev, qemu="the QEMU")
+        except MigrateError as exc:
             raise RestoreError(f"the QEMU does not fit the snapshot: {exc}") from None
-        if memdev_property(qmp, memdev, "share"):
-            raise RestoreError(f"the memory backend {memdev!r} is shared: use memory-backend-ram (anonymous memory)")
-        if ram.path:
-            raise RestoreError(f"the guest RAM is mapped from {ram.path}, not anonymous memory")
         machine = machine_of(qmp, ram.length)
         for key, value in manifest.machine.items():
             if machine.get(key) != value:
