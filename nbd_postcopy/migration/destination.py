@@ -73,12 +73,12 @@ def check_incoming_ram(qmp: Qmp, pid: int, memdev: str, qemu: str = "the destina
     memory (memory-backend-ram). `qemu` names it in the messages."""
     if (state := qmp.status()) != "inmigrate":
         raise MigrateError(f"{qemu} (pid {pid}) is {state!r}: start it with -incoming defer")
-    if memdev_property(qmp, memdev, "share"):
-        raise MigrateError(f"{qemu}'s memory backend {memdev!r} is shared: use memory-backend-ram (anonymous memory)")
     try:
-        ram = ram_region_of(pid, qmp, memdev)
+        ram = ram_region_of(pid, qmp, memdev)  # first: it says clearly when there is no such backend
     except VmError as exc:
         raise MigrateError(str(exc)) from None
+    if memdev_property(qmp, memdev, "share"):
+        raise MigrateError(f"{qemu}'s memory backend {memdev!r} is shared: use memory-backend-ram (anonymous memory)")
     if ram.path:
         raise MigrateError(f"{qemu}'s guest RAM is mapped from {ram.path}, not anonymous memory")
     return ram
