@@ -378,11 +378,7 @@ class _Migration(PhasedDriver):
         return src_ram, dst_ram
 
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:
-        if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
-            source_args = ["--file", ram.path]
-        else:  # memfd (or a deleted file): read it through the QEMU process
-            source_args = ["--pid", str(src_pid), "--address", hex(ram.address), "--length", str(ram.length)]
-        argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *source_args,
+        argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *ram.serve_args(src_pid),
                 "--listen", f"unix:{self.socket}", "--gate", "closed"]
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.path or 'anonymous'}) on {self.socket}, "
                  "gate closed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 from ..common.qmp import Qmp, VmError
@@ -14,6 +15,20 @@ class RamRegion(NamedTuple):
     address: int  # host virtual address of guest RAM in the QEMU process
     length: int
     path: str  # the mapping's backing file, "" for anonymous memory
+
+    @property
+    def file(self) -> str | None:
+        """The backing file, if it can be read as a file (not a memfd, not a deleted file)."""
+        if self.path and not self.path.endswith(" (deleted)") and Path(self.path).is_file():
+            return self.path
+        return None
+
+    def serve_args(self, pid: int) -> list[str]:
+        """`nbd-postcopy serve`'s source options for this RAM of QEMU process `pid`: the file, else the
+        process's memory (a memfd or a deleted file)."""
+        if self.file:
+            return ["--file", self.file]
+        return ["--pid", str(pid), "--address", hex(self.address), "--length", str(self.length)]
 
 
 _SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")

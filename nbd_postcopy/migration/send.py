@@ -121,7 +121,7 @@ class Sender(StepDriver):
             except ShapingError as exc:
                 raise MigrateError(str(exc)) from None
             self.say(f"prefetch replies capped at {self.o.prefetch_bandwidth / 1e6:g} Mbit/s on {interface}")
-        self.server = PageServerProcess(_source_args(src_pid, ram), [f"tcp:{bracket(page_host)}:{page_port}"],
+        self.server = PageServerProcess(ram.serve_args(src_pid), [f"tcp:{bracket(page_host)}:{page_port}"],
                                         self.work / "source-server.log", extra_args=self._server_tls_args())
         try:
             self.server.start()
@@ -256,11 +256,3 @@ class Sender(StepDriver):
 
 def migrate_to(options: SendOptions) -> tuple[MigrationReport, dict]:
     return Sender(options).run()
-
-
-def _source_args(pid: int, ram: RamRegion) -> list[str]:
-    if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
-        return ["--file", ram.path]
-    return ["--pid", str(pid), "--address", hex(ram.address), "--length", str(ram.length)]
-
-

@@ -146,10 +146,10 @@ class _Snapshot(Narrator):
 
     def _copy_ram(self, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
         target = self.partial / snapshotdir.RAM
-        if ram.path and not ram.path.endswith(" (deleted)") and Path(ram.path).is_file():
-            with open(ram.path, "rb") as source:
+        if ram.file:
+            with open(ram.file, "rb") as source:
                 if os.fstat(source.fileno()).st_size < ram.length:
-                    raise MigrateError(f"{ram.path} is smaller than the guest RAM ({ram.length} bytes)")
+                    raise MigrateError(f"{ram.file} is smaller than the guest RAM ({ram.length} bytes)")
                 return snapshotdir.copy_sparse(source.fileno(), 0, ram.length, target)
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)  # memfd (or a deleted file): through the process
         try:
