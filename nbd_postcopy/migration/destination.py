@@ -136,14 +136,14 @@ def detach_device(name: str) -> bool:
 
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,
                       on_status: Callable[[dict], None] | None = None,
-                      stall_seconds: float = PREFETCH_STALL_SECONDS) -> None:
+                      stall_seconds: float = PREFETCH_STALL_SECONDS) -> dict:
     """Let the device's prefetcher pull the pages before pre-paging them into the guest.
 
     Pre-paging at once competes with the guest's own faults for the device and stalls the guest
     (256 MiB guest here: largest heartbeat gap 2.3 s at once, 0.9 s after waiting); once the
     prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
     no progress for `stall_seconds`: completion then fetches what is left itself. `device(command)`
-    asks the device's control socket; `on_status`, if given, sees every status read.
+    asks the device's control socket; `on_status`, if given, sees every status read. Returns the last.
     """
     status = device("status")
     total = status["remaining"]
@@ -157,13 +157,14 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
             last, since = remaining, time.monotonic()
         elif time.monotonic() - since > stall_seconds:
             bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
-            return
+            return status
         time.sleep(0.05)
         status = device("status")
     if on_status is not None:
         on_status(status)
     bar.update(total)
     bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+    return status
 
 
 def fault_latency(metrics_port: int) -> tuple[float | None, float | None]:

@@ -300,8 +300,7 @@ class _Migration(PhasedDriver):
         self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
                  f"after the source stopped); completing")
         released_at = None
-        self._wait_for_prefetch()
-        if self._device("status").get("complete"):  # every page is local: the source is not needed
+        if wait_for_prefetch(self._device, self.o.quiet, self.stream).get("complete"):  # the source is not needed
             released_at = self._release_source(source)
             self._enter(Phase.RELEASED)
         completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),
@@ -425,10 +424,6 @@ class _Migration(PhasedDriver):
             raise MigrateError("the destination did not resume after the device state arrived") from None
         info = source.query_migrate()
         return started, stop, resume, info
-
-    def _wait_for_prefetch(self) -> None:
-        """Let the prefetcher pull every page before completion pre-pages them (destination.wait_for_prefetch)."""
-        wait_for_prefetch(self._device, self.o.quiet, self.stream)
 
     def _roll_back(self, source: Qmp, destination: Qmp, cause: BaseException) -> None:
         self.say(f"failed ({cause}); rolling back: the source keeps running")

@@ -196,11 +196,11 @@ class _Restore(PhasedDriver):
             if time.monotonic() - resumed <= FIRST_SECONDS or not first:
                 first["demand"] = status["fetched_demand"]
 
-        wait_for_prefetch(self._device, self.o.quiet, self.stream, on_status=count_first_faults)
-        status = self._device("status")
+        status = wait_for_prefetch(self._device, self.o.quiet, self.stream, on_status=count_first_faults)
         local_after = time.monotonic() - resumed if status.get("complete") else None
         recorded = self._record(manifest, replay) if self.o.record else 0
-        if status.get("complete"):  # every page is local: the page server is not needed
+        released = bool(status.get("complete"))
+        if released:  # every page is local: the page server is not needed
             self.server.stop()
             self._enter(Phase.RELEASED)
         completion = complete_range(self.pid, ram.address, ram.length, control=str(self.control),
@@ -209,7 +209,8 @@ class _Restore(PhasedDriver):
         if not status.get("complete"):
             raise RestoreError(f"completion ended but the device still has {status.get('remaining')} pages to fetch")
         self._enter(Phase.COMPLETED)
-        self.server.stop()
+        if not released:  # completion fetched what the prefetcher had left
+            self.server.stop()
         faults = self._fault_latency()
         self._detach()
         self._enter(Phase.DETACHED)
