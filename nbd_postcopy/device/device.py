@@ -674,10 +674,12 @@ class Device:
                 limit = min(end, slot + max_pages)
                 stop = self._pending.find_clear(slot, limit)
                 count = (limit if stop < 0 else stop) - slot
-                guest = self._guest[slot] - 1
-                if count > 1 and self._guest[slot : slot + count] != array("I", range(guest + 1, guest + 1 + count)):
-                    count = next(i for i in range(1, count) if self._guest[slot + i] != guest + i + 1)
-                runs.append(Run(slot, guest, count))
+                run = self._consecutive_run_locked(slot, count)
+                if run is None:  # the run ends where the guest pages stop being consecutive
+                    guest = self._guest[slot] - 1
+                    run = Run(slot, guest, next(i for i in range(1, count) if self._guest[slot + i] != guest + i + 1))
+                runs.append(run)
+                count = run.count
                 slot = self._pending.find(slot + count, end)
         return runs
 

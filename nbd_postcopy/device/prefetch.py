@@ -159,10 +159,7 @@ class Prefetcher:
                 if learning is None:
                     self._stop.wait(IDLE_POLL)
                 continue
-            try:
-                self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
-            except DeviceIOError:
-                self._stop.wait(RETRY_PAUSE)
+            self._fetch(runs)
 
     def _replay_working_set(self) -> None:
         """Fetch the recorded working set first (staging is over: its slots are known)."""
@@ -175,12 +172,16 @@ class Prefetcher:
             runs = self.scheduler.replay_runs(WINDOW * self.scheduler.run_pages // REPLAY_SPAN)  # a full batch
             if not runs:
                 break
-            try:
-                self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
-            except DeviceIOError:
-                self._stop.wait(RETRY_PAUSE)  # those runs are left to the sweep
+            self._fetch(runs)  # runs that fail are left to the sweep
         log.info("replayed a working set of %d guest pages (%d mapped): %d pages fetched in %.2fs", len(self.replay),
                  len(slots), self.device.fetched["prefetch"] - fetched, time.monotonic() - started)
+
+    def _fetch(self, runs: list[Run]) -> None:
+        """Fetch one batch into the reusable buffer; after a failure, pause before the next."""
+        try:
+            self.device.fetch(runs, self.source, "prefetch", self.timeout, self._receive_views(runs))
+        except DeviceIOError:
+            self._stop.wait(RETRY_PAUSE)
 
     def _receive_views(self, runs: list[Run]) -> list[memoryview]:
         views, start = [], 0
