@@ -142,6 +142,8 @@ class PluginConfig:
             missing.append("pages (or size)")
         if missing:
             raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+        if self.replay and not self.prefetch:
+            raise ConfigError("replay= needs the prefetcher, which prefetch=off turns off")
 
 
 def _check_can_listen(host: str, port: int) -> None:

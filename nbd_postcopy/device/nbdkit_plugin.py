@@ -40,7 +40,7 @@ from nbd_postcopy.device.device import Device, DeviceIOError  # noqa: E402
 from nbd_postcopy.device.markers import MarkerCodec  # noqa: E402
 from nbd_postcopy.common.metrics import serve_metrics  # noqa: E402
 from nbd_postcopy.device.prefetch import Prefetcher  # noqa: E402
-from nbd_postcopy.device.workingset import WorkingSetError, WorkingSetRecorder, read_workingset  # noqa: E402
+from nbd_postcopy.device.workingset import WorkingSetRecorder, read_workingset  # noqa: E402
 
 API_VERSION = 2
 MAX_REQUEST = 32 * 1024 * 1024
@@ -101,7 +101,7 @@ def config_complete():
         )
         if _config.replay:
             _replay = read_workingset(_config.replay, _config.pages)
-    except (plugin_config.ConfigError, WorkingSetError, ValueError, OSError) as exc:
+    except (plugin_config.ConfigError, ValueError, OSError) as exc:  # WorkingSetError is a ValueError
         _report_error(exc)
         raise
     _recorder = WorkingSetRecorder(_device.guest_of)
@@ -133,9 +133,9 @@ def _start_services():
     if _config.prefetch:
         source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity,
                               role="prefetch")
-        prefetcher = _prefetcher = Prefetcher(_device, source, timeout=_config.timeout, replay=_replay)
-        _services.append(prefetcher)
-        prefetcher.start()
+        _prefetcher = Prefetcher(_device, source, timeout=_config.timeout, replay=_replay)
+        _services.append(_prefetcher)
+        _prefetcher.start()
     if _config.control:
         try:
             control = ControlServer(_config.control, {"status": _device.status, "arm": _arm,

@@ -6,7 +6,7 @@ that slot holds, in first-fault order, without repeats, up to RECORD_LIMIT pages
 
 Replay (plugin key replay=FILE): a file of guest pages (one decimal number a line, `#` comments) that
 the prefetcher pulls first after arming, before its sweep; each page with the few pages after it (a swap
-cluster). The file is checked when the key is read (numbers only, below pages=) and resolved to slots
+cluster). The file is checked once every key is read (numbers only, below pages=) and resolved to slots
 once staging has mapped them.
 
     write_workingset(path, pages, comment)    # atomic: a temporary file, then rename
@@ -33,31 +33,28 @@ class WorkingSetRecorder:
     def __init__(self, guest_of, limit: int = RECORD_LIMIT):
         self._guest_of = guest_of  # slot -> guest page or None (Device.guest_of)
         self.limit = limit
-        self._seen: set[int] = set()
-        self._order: list[int] = []
+        self._pages: dict[int, None] = {}  # insertion-ordered, without repeats
         self._lock = threading.Lock()
 
     def __call__(self, slot: int, seconds: float) -> None:
-        if len(self._order) >= self.limit:
+        if len(self._pages) >= self.limit:
             return
         guest = self._guest_of(slot)
         if guest is None:
             return
         with self._lock:
-            if guest not in self._seen and len(self._order) < self.limit:
-                self._seen.add(guest)
-                self._order.append(guest)
+            if len(self._pages) < self.limit:
+                self._pages.setdefault(guest)
 
     def pages(self) -> list[int]:
         with self._lock:
-            return list(self._order)
+            return list(self._pages)
 
 
 def read_workingset(path: str | os.PathLike, limit_pages: int) -> list[int]:
     """The guest pages in the file, in order and without repeats; WorkingSetError if a line is not a page
     number below `limit_pages`."""
-    pages: list[int] = []
-    seen: set[int] = set()
+    pages: dict[int, None] = {}  # insertion-ordered, without repeats
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -68,11 +65,8 @@ def read_workingset(path: str | os.PathLike, limit_pages: int) -> list[int]:
             continue
         if not line.isdigit() or int(line) >= limit_pages:
             raise WorkingSetError(f"{path} line {number}: {line!r} is not a guest page number below {limit_pages}")
-        page = int(line)
-        if page not in seen:
-            seen.add(page)
-            pages.append(page)
-    return pages
+        pages.setdefault(int(line))
+    return list(pages)
 
 
 def write_workingset(path: str | os.PathLike, pages: list[int], comment: str = "") -> None:

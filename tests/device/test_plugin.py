@@ -311,6 +311,8 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["metrics=127.0.0.1:70000"], "metrics=127.0.0.1:70000: port 70000 out of range 0..65535"),
         (["control=/tmp/" + "x" * 120], "path longer than 107 bytes"),
         (["control=KEY"], "exists and is not a socket"),
+        (["source=nbd+unix:///?socket=/x", "pages=10", "key=KEY", "prefetch=off", "replay=KEY"],
+         "replay= needs the prefetcher, which prefetch=off turns off"),
     ],
 )
 def test_config_errors_are_clear(run_dir, key_file, params, message):
