@@ -90,7 +90,7 @@ class _Snapshot(Narrator):
         self.stream = options.stream if options.stream is not None else sys.stderr
         self.target = Path(options.to).absolute()
         self.partial: Path | None = None
-        self.paused_at: float | None = None  # time.monotonic() of the stop, while the VM is paused by us
+        self.paused = False  # the VM is paused by us (a failure then resumes it)
 
     def run(self) -> SnapshotReport:
         return drive(self.o.qmp, "snapshotted", self._run, self._fail)
@@ -103,13 +103,13 @@ class _Snapshot(Narrator):
         qmp.set_capabilities(x_ignore_shared=True, events=True)
         self.say(f"pausing the VM (QEMU pid {pid}) and saving its device state")
         qmp.execute("stop")
-        self.paused_at = paused_at = time.monotonic()
+        self.paused, paused_at = True, time.monotonic()
         state_seconds = save_migration_stream(qmp, self.partial / snapshotdir.STATE)
         self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.path or 'through /proc/PID/mem'})")
         copy = self._copy_ram(pid, ram)
         if self.o.keep_running:
             qmp.execute("cont")
-            self.paused_at = None
+            self.paused = False
         pause_ms = (time.monotonic() - paused_at) * 1000
         self.say(f"the VM was paused {pause_ms:.0f} ms" + ("; it runs again" if self.o.keep_running else ""))
         checksummed = time.monotonic()
@@ -132,7 +132,7 @@ class _Snapshot(Narrator):
         if not self.o.keep_running:
             self.say("the snapshot is whole: quitting the VM")
             qmp.execute("quit", timeout=10)
-            self.paused_at = None
+            self.paused = False
         return SnapshotReport(
             directory=self.target, guest_bytes=ram.length, data_bytes=copy.data_bytes,
             state_bytes=manifest.state["bytes"], pause_ms=pause_ms, state_seconds=state_seconds,
@@ -160,7 +160,7 @@ class _Snapshot(Narrator):
     def _fail(self, qmp: Qmp, exc: BaseException) -> None:
         if self.partial is not None:
             snapshotdir.abandon(self.partial)
-        if self.paused_at is not None:
+        if self.paused:
             try:
                 qmp.execute("cont")
                 self.say(f"failed ({exc}): the VM runs again, no snapshot was written")
