@@ -286,6 +286,25 @@ def test_zero_pages_are_served_without_fetching(tmp_path):
     assert device.complete
 
 
+def test_zero_pages_settle_in_runs_and_slot_by_slot(tmp_path):
+    """Settling takes word operations over runs of consecutive guest pages and goes slot by slot
+    elsewhere; both must agree with the per-page rule (pending, and its guest page is all zeros)."""
+    rng = random.Random(5)
+    pages = 1500
+    zero = tuple(sorted(rng.sample(range(pages), 400)))
+    device, source = make_device(tmp_path, pages=pages, headroom=1000, image=random_image(pages, zero))
+    mapping = {1 + i: i for i in range(700)}  # one long run across chunks, starting mid-byte (slot 1)
+    shuffled = rng.sample(range(700, pages), pages - 700)  # then guest pages in no order, with gaps
+    mapping.update({slot: guest for slot, guest in zip(range(750, 750 + len(shuffled) * 2, 2), shuffled)})
+    stage(device, mapping)
+    device.arm()
+    device.read(1 * P, 3 * P)  # a few slots already local
+    assert device.learn_zero_pages(source) == len(zero)
+    expected_local = {slot for slot, guest in mapping.items() if guest in zero or slot <= 3}
+    assert {slot for slot in mapping if device.is_local(slot)} == expected_local
+    assert device.status()["remaining"] == len(mapping) - len(expected_local)
+
+
 def test_source_failure_is_eio_and_counted(tmp_path):
     device, source = make_device(tmp_path)
     stage(device, {1: 1})
@@ -384,6 +403,23 @@ def test_memory_per_page_is_small(tmp_path):
     )
     assert state <= 8 * pages  # about 4.6 bytes per guest page
     device.close()
+
+
+def test_bitmap_words_agree_with_bits():
+    rng = random.Random(3)
+    for _ in range(300):
+        bitmap = Bitmap(300)
+        for i in rng.sample(range(300), rng.randrange(300)):
+            bitmap.set(i)
+        start = rng.randrange(300)
+        count = rng.randrange(1, 120)
+        word = bitmap.word(start, count)
+        assert [k for k in range(count) if word >> k & 1] == [k for k in range(count) if start + k < 300 and bitmap.get(start + k)]
+        before = [bitmap.get(i) for i in range(300)]
+        mask = rng.getrandbits(count) & word
+        bitmap.clear_word(start, mask)
+        assert [bitmap.get(i) for i in range(300)] == [b and not (start <= i < start + count and mask >> (i - start) & 1)
+                                                          for i, b in enumerate(before)]
 
 
 def test_bitmap_ranges():
