@@ -6,6 +6,8 @@ the connection open for more. Commands (see plugin/postcopy.py):
     status   the device state: {"armed", "pages", "slots", "mapped", "local", "overlay_pages",
              "remaining", "complete", "anomalies", "source_connected", "fetched_demand", ...}
     arm      start fetching from the source: {"ok": true, "armed": true}
+    wait-local  the status, as soon as every page is local or after 0.2 s, whichever comes first
+             (so a driver learns the moment it can release the source without polling)
     workingset  the guest pages demand-fetched first, in order (device/workingset.py):
              {"recorded": [page, ...], "limit", "replay" (pages given by replay=), "replayed" (of them
              mapped), "replay_done" (the prefetcher has fetched them)}

@@ -302,6 +302,7 @@ class Device:
         self._down_since: float | None = None
         self._fault_listeners: list[Callable[[int, float], None]] = []
         self._complete_logged = False
+        self._completed = threading.Condition()  # notified whenever a change leaves every page local
         self._fetched_counters = {reason: self.metrics.pages_fetched.labels(reason=reason) for reason in self.fetched}
         self.watch_metrics()
 
@@ -478,9 +479,17 @@ class Device:
         self._check_complete()
 
     def _check_complete(self) -> None:
-        if self.complete and not self._complete_logged:
-            self._complete_logged = True
-            log.info("all pages are local: the source can be released (%d mapped pages)", self.mapped)
+        if self.complete:
+            if not self._complete_logged:
+                self._complete_logged = True
+                log.info("all pages are local: the source can be released (%d mapped pages)", self.mapped)
+            with self._completed:
+                self._completed.notify_all()
+
+    def wait_complete(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every mapped page to be local; returns `complete`."""
+        with self._completed:
+            return self._completed.wait_for(lambda: self.complete, timeout)
 
     # --- slot transitions (caller holds the lock) -----------------------------------------------
     def _forget(self, slot: int) -> None:
@@ -779,6 +788,7 @@ class Device:
                 # zeros from its state alone; _map() punches old bytes before a slot can read from
                 # the page file again without being written first.
                 self._forget_range(start, stop)
+        self._check_complete()  # the last pages waiting may have been freed
 
     def _anomaly(self, kind: str, message: str, count: int = 1) -> None:
         with self._lock:

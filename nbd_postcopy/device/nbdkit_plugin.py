@@ -48,6 +48,7 @@ MAX_REQUEST = 32 * 1024 * 1024
 # demand read never waits long behind the prefetcher's or the source clients' threads.
 GIL_SWITCH_INTERVAL = 0.0005
 STARTUP_CONNECT_TIMEOUT = 5.0  # seconds (or timeout=, if shorter) to reach the source at startup
+WAIT_LOCAL_SECONDS = 0.2  # how long the control command wait-local waits before it answers anyway
 
 log = logging.getLogger("nbd_postcopy.plugin")
 
@@ -139,7 +140,7 @@ def _start_services():
     if _config.control:
         try:
             control = ControlServer(_config.control, {"status": _device.status, "arm": _arm,
-                                                      "workingset": _workingset})
+                                                      "wait-local": _wait_local, "workingset": _workingset})
         except OSError as exc:
             raise RuntimeError(f"control={_config.control}: cannot listen: {exc.strerror or exc}") from None
         _services.append(control)
@@ -156,6 +157,11 @@ def _start_services():
 def _arm():
     _device.arm()
     return {"ok": True, "armed": True}
+
+
+def _wait_local():
+    _device.wait_complete(WAIT_LOCAL_SECONDS)
+    return _device.status()
 
 
 def _workingset():

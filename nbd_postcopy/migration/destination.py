@@ -134,7 +134,24 @@ def detach_device(name: str) -> bool:
     return True
 
 
+def check_destination_alive(qmp: Qmp, pid: int) -> None:
+    """Raise MigrateError unless the destination QEMU is alive and answers QMP.
+
+    A QEMU that exits frees its memory and the kernel trims every slot it held, so its device then
+    reports every page local: a driver that took that for "the source is no longer needed" would let
+    the guest's last intact copy go. A QMP answer after the device's status proves that the QEMU was
+    not dying when the status was read (docs/DESIGN.md, "A dead destination looks complete")."""
+    if exited(pid):
+        raise MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover")
+    try:
+        qmp.status()
+    except VmError as exc:
+        raise MigrateError(f"the destination QEMU (pid {pid}) no longer answers QMP after the switchover "
+                           f"({exc})") from None
+
+
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,
+                      check_alive: Callable[[], None],
                       on_status: Callable[[dict], None] | None = None,
                       stall_seconds: float = PREFETCH_STALL_SECONDS) -> dict:
     """Let the device's prefetcher pull the pages before pre-paging them into the guest.
@@ -143,7 +160,10 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
     (256 MiB guest here: largest heartbeat gap 2.3 s at once, 0.9 s after waiting); once the
     prefetcher is done, pre-paging only moves local pages. Stops waiting when the prefetcher makes
     no progress for `stall_seconds`: completion then fetches what is left itself. `device(command)`
-    asks the device's control socket; `on_status`, if given, sees every status read. Returns the last.
+    asks the device's control socket ("status", then "wait-local", which answers the moment every page
+    is local); `check_alive()` raises if the guest's QEMU is gone (check_destination_alive), and runs
+    after every status read, the last one included; `on_status`, if given, sees every status read.
+    Returns the last.
     """
     status = device("status")
     total = status["remaining"]
@@ -158,8 +178,9 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
         elif time.monotonic() - since > stall_seconds:
             bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
             return status
-        time.sleep(0.05)
-        status = device("status")
+        status = device("wait-local")  # answers the moment every page is local, else within 0.2 s
+        check_alive()
+    check_alive()  # "every page local" is also what a dead QEMU's trimmed slots look like
     if on_status is not None:
         on_status(status)
     bar.update(total)

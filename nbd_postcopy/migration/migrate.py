@@ -50,6 +50,7 @@ from .destination import (  # (the tests import some of them from here)
     MigrateError,
     Narrator,
     attach_device,
+    check_destination_alive,
     check_incoming_ram,
     check_shared_ram,
     connect as _connect,
@@ -300,7 +301,9 @@ class _Migration(PhasedDriver):
         self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
                  f"after the source stopped); completing")
         released_at = None
-        if wait_for_prefetch(self._device, self.o.quiet, self.stream).get("complete"):  # the source is not needed
+        prefetched = wait_for_prefetch(self._device, self.o.quiet, self.stream,
+                                       check_alive=lambda: check_destination_alive(destination, dst_pid))
+        if prefetched.get("complete"):  # the source is not needed
             released_at = self._release_source(source)
             self._enter(Phase.RELEASED)
         completion = complete_range(dst_pid, dst_ram.address, dst_ram.length, control=str(self.control),

@@ -42,6 +42,7 @@ from .destination import (
     MigrateError,
     StepDriver,
     attach_device,
+    check_destination_alive,
     check_incoming_ram,
     connect,
     detach_device,
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT = None  # wait for a sender as long as it takes (Ctrl-C stops)
 STEP_TIMEOUT = 120.0  # seconds for the sender's next message while it works (migration of device state)
-PROGRESS_INTERVAL = 0.25
 RELEASE_TIMEOUT = 30.0  # seconds to wait for the sender's "released" once every page is here
 
 
@@ -153,7 +153,7 @@ class Receiver(StepDriver):
         self._enter(Phase.RESUMED)
         chan.send("resumed")
         self.say("the guest runs here; fetching the rest of its memory")
-        self._wait_local(dst_pid)
+        self._wait_local(qmp, dst_pid)
         self._enter(Phase.LOCAL)
         local_at = time.monotonic()
         at_local = self._device("status")  # outages counted before the source goes away on purpose
@@ -254,7 +254,7 @@ class Receiver(StepDriver):
             if (message := self.channel.poll()) is not None:
                 raise MigrateError(f"the sender sent {message.type} while QEMU waited for the device state")
 
-    def _wait_local(self, dst_pid: int) -> None:
+    def _wait_local(self, qmp: Qmp, dst_pid: int) -> None:
         status = self._device("status")
         total = status["remaining"]
         bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
@@ -267,12 +267,12 @@ class Receiver(StepDriver):
                     self.channel.send("progress", remaining=remaining, pages=status["pages"])
                 except ch.ChannelError as exc:
                     log.warning("the channel to the sender is gone (%s); carrying on", exc)
-            time.sleep(PROGRESS_INTERVAL)
             if exited(dst_pid):
                 raise MigrateError(f"the destination QEMU (pid {dst_pid}) exited after the switchover with "
                                    f"{remaining} pages still at the source (a swap-in that waited longer than the "
                                    "device's timeout fails, and kills the guest)")
-            status = self._device("status")
+            status = self._device("wait-local")  # at once when every page is local, else within 0.2 s
+        check_destination_alive(qmp, dst_pid)  # a dead QEMU's trimmed slots look local too
         bar.update(total)
         bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
 

@@ -48,6 +48,7 @@ from ..host.staging import stage_range
 from . import snapshotdir
 from .destination import (
     MigrateError,
+    check_destination_alive,
     check_incoming_ram,
     drive,
     exited,
@@ -196,7 +197,9 @@ class _Restore(PhasedDriver):
             if time.monotonic() - resumed <= FIRST_SECONDS or not first:
                 first["demand"] = status["fetched_demand"]
 
-        status = wait_for_prefetch(self._device, self.o.quiet, self.stream, on_status=count_first_faults)
+        status = wait_for_prefetch(self._device, self.o.quiet, self.stream,
+                                   check_alive=lambda: check_destination_alive(qmp, self.pid),
+                                   on_status=count_first_faults)
         local_after = time.monotonic() - resumed if status.get("complete") else None
         recorded = self._record(manifest, replay) if self.o.record else 0
         released = bool(status.get("complete"))

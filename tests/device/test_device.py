@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import threading
+import time
 
 import pytest
 
@@ -303,6 +304,27 @@ def test_zero_pages_settle_in_runs_and_slot_by_slot(tmp_path):
     expected_local = {slot for slot, guest in mapping.items() if guest in zero or slot <= 3}
     assert {slot for slot in mapping if device.is_local(slot)} == expected_local
     assert device.status()["remaining"] == len(mapping) - len(expected_local)
+
+
+def test_wait_complete_wakes_when_the_last_page_arrives(tmp_path):
+    device, source = make_device(tmp_path)
+    stage(device, {1: 1, 2: 2})
+    assert not device.wait_complete(0.01)  # not armed: never complete
+    device.arm()
+    assert not device.wait_complete(0.01)
+    waited = {}
+
+    def waiter():
+        started = time.monotonic()
+        waited["complete"] = device.wait_complete(30)
+        waited["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    device.read(1 * P, P)
+    device.trim(2 * P, P)  # the last page waiting is freed: complete without a fetch
+    thread.join(10)
+    assert waited["complete"] and waited["seconds"] < 10  # woken, not timed out
 
 
 def test_source_failure_is_eio_and_counted(tmp_path):

@@ -168,7 +168,7 @@ def test_prefetcher_makes_everything_local(processes, run_dir, source, image, ke
     handle = plugin.connect()
     stage(plugin, handle, {slot: slot - 1 for slot in range(1, PAGES + 1)})
     request(str(plugin.control), "arm")
-    wait_until(lambda: plugin.status()["complete"], what="prefetch completion")
+    wait_until(lambda: request(str(plugin.control), "wait-local")["complete"], what="prefetch completion")
     status = plugin.status()
     assert status["fetched_prefetch"] + status["fetched_demand"] == PAGES - 20  # zero pages are not fetched
     wait_until(lambda: "all pages are local: the source can be released" in plugin.log_text(), what="log line")

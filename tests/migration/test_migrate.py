@@ -115,6 +115,40 @@ def test_device_killed_before_the_switchover_leaves_the_source_running(guest_ima
 
 @pytest.mark.slow
 @pytest.mark.root
+def test_a_destination_that_dies_after_the_switchover_never_releases_the_source(guest_image, run_dir, swap_lock,
+                                                                                 monkeypatch):
+    """A QEMU that exits frees its memory and the kernel trims every slot it held, so the device then reports
+    every page local. The driver must see a dead guest there, not a finished migration: the source stays,
+    paused with the guest's memory intact, and resumes it."""
+    real_wait_for_prefetch = migrate_module.wait_for_prefetch
+    device_said_complete = []
+
+    def kill_the_destination_first(device, *args, **kwargs):
+        destination.process.kill()
+        destination.process.wait(10)
+        deadline = time.monotonic() + 30
+        while not device("status")["complete"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        device_said_complete.append(device("status")["complete"])
+        return real_wait_for_prefetch(device, *args, **kwargs)
+
+    monkeypatch.setattr(migrate_module, "wait_for_prefetch", kill_the_destination_first)
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=9 memcheck.mode=write")
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        with pytest.raises(MigrateError, match="exited after the switchover"):
+            migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0], run_dir / "mig",
+                                   quiet=True))
+        assert device_said_complete == [True]  # the hazard: the dead QEMU's trimmed slots looked local
+        assert source.qmp.status() == "postmigrate"  # not released: paused, its memory intact
+        source.qmp.execute("cont")
+        source.console.wait_for(PassOk, count=2, after=source.console.mark(), timeout=60)
+        assert source.console.events(Failure) == []
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
 def test_without_the_freeze_gate_the_checker_sees_stale_pages(guest_image, run_dir, swap_lock, monkeypatch):
     """The negative control for the gate: serve with --gate open and let the prefetcher run while the
     source guest still rewrites its memory; the destination guest must then report stale pages (or
