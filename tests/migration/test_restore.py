@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import subprocess
 from pathlib import Path
 
@@ -160,3 +161,41 @@ def _refusals(guest_image, run_dir) -> None:
         manifest.memdev = "mem1"
         (other_memdev / "manifest.json").write_text(manifest.to_json())
         refused(other_memdev, "has no memory backend 'mem1'")
+
+
+CLI = [sys.executable, "-m", "nbd_postcopy.cli"]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`nbd-postcopy ARGS` in a subprocess (PYTHONPATH passes on, so this tree's code runs)."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append: str, name: str = "dst") -> None:
+    """Restore `snap` into a new 128 MiB QEMU waiting with -incoming defer; the guest must verify its memory."""
+    try:
+        with Vm(guest_image, run_dir, name=name, memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst-{name}", quiet=True))
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_keep_running_snapshot_resumes_the_guest_and_restores(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=31 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(snap), "--keep-running", "-q")
+        assert done.returncode == 0, done.stderr
+        assert "the VM:                    runs on" in done.stdout
+        assert source.process.poll() is None and source.qmp.status() == "running"
+        after = source.console.mark()
+        source.console.wait_for(PassOk, count=2, after=after, timeout=90)  # it goes on checking its memory
+        assert source.console.events(Failure) == [], source.console.tail()
+    assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
+    _nothing_left(run_dir)
