@@ -199,3 +199,37 @@ def test_a_keep_running_snapshot_resumes_the_guest_and_restores(guest_image, run
     assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
     _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
     _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_no_replay_ignores_the_working_set_and_no_record_leaves_it_untouched(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=37 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
+        source.wait_exit(10)
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name="first")  # records the working set
+    record = snap / "workingset"
+    before = (record.read_bytes(), record.stat())
+    assert record.read_text().startswith("# working set of the snapshot with RAM sha256 ")
+
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            done = _cli("restore", str(snap), "--qmp", str(destination.extra_qmp_paths[0]),
+                        "--work-dir", str(run_dir / "rst-cli"), "--no-replay", "--no-record", "-q")
+            assert done.returncode == 0, done.stderr
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    report = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    assert report["working set"].strip() == "none (no record used)", done.stdout
+    assert report["working set recorded"].strip() == "no", done.stdout
+    assert int(report["pages demand-fetched"].split()[0]) > 0, "without a replay the guest demands pages"
+    after = (record.read_bytes(), record.stat())
+    assert after[0] == before[0]
+    assert (after[1].st_ino, after[1].st_mtime_ns) == (before[1].st_ino, before[1].st_mtime_ns)
+    assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state", "workingset"]
+    _nothing_left(run_dir)
