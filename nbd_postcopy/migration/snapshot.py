@@ -145,7 +145,12 @@ class _Snapshot(Narrator):
         return ram, machine_of(qmp, ram.length), qemu_version(qmp)
 
     def _copy_ram(self, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
-        target = self.partial / snapshotdir.RAM
+        try:
+            return self._copy_ram_into(self.partial / snapshotdir.RAM, pid, ram)
+        except OSError as exc:  # e.g. the file system is full
+            raise MigrateError(f"copying guest RAM into {self.target.parent} failed: {exc.strerror or exc}") from None
+
+    def _copy_ram_into(self, target: Path, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
         if ram.file:
             with open(ram.file, "rb") as source:
                 if os.fstat(source.fileno()).st_size < ram.length:
