@@ -233,3 +233,29 @@ def test_no_replay_ignores_the_working_set_and_no_record_leaves_it_untouched(gue
     assert (after[1].st_ino, after[1].st_mtime_ns) == (before[1].st_ino, before[1].st_mtime_ns)
     assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state", "workingset"]
     _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_failed_snapshot_leaves_no_partial_directory_and_the_guest_runs_on(guest_image, run_dir):
+    append = "memcheck.seed=41 memcheck.mode=write"
+    full = run_dir / "full"  # a file system too small for the guest's RAM: the copy fails, the state fits
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(full)], check=True)
+    try:
+        with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+            source.console.wait_for(PassOk, timeout=60)
+            done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(full / "snap"))
+            assert done.returncode == 1
+            error = done.stderr.strip().splitlines()[-1]  # after the progress lines, one line says why
+            assert error.startswith("nbd-postcopy snapshot: error: copying guest RAM into ") and \
+                error.endswith("failed: No space left on device"), done.stderr
+            assert "Traceback" not in done.stderr
+            assert list(full.iterdir()) == [], "no snapshot and no partial directory"
+            assert source.process.poll() is None and source.qmp.status() == "running"
+            after = source.console.mark()
+            source.console.wait_for(PassOk, count=2, after=after, timeout=90)
+            assert source.console.events(Failure) == [], source.console.tail()
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    _nothing_left(run_dir)
