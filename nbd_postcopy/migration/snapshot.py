@@ -105,7 +105,7 @@ class _Snapshot(Narrator):
         qmp.execute("stop")
         self.paused, paused_at = True, time.monotonic()
         state_seconds = save_migration_stream(qmp, self.partial / snapshotdir.STATE)
-        self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.path or 'through /proc/PID/mem'})")
+        self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.file or 'through /proc/PID/mem'})")
         copy = self._copy_ram(pid, ram)
         if self.o.keep_running:
             qmp.execute("cont")
