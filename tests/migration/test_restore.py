@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import io
 import shutil
 import signal
 import sys
@@ -258,4 +259,22 @@ def test_a_failed_snapshot_leaves_no_partial_directory_and_the_guest_runs_on(gue
             assert source.console.events(Failure) == [], source.console.tail()
     finally:
         subprocess.run(["umount", str(full)], check=True)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_memfd_backed_vm_is_snapshotted_through_its_process_memory_and_restores(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=43 memcheck.mode=write"
+    snap = run_dir / "snap"
+    narration = io.StringIO()
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="memfd", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, stream=narration))
+        source.wait_exit(10)
+    assert "copying 128 MiB of guest RAM (through /proc/PID/mem)" in narration.getvalue()
+    assert saved.guest_bytes == 128 * MIB and 0 < saved.data_bytes < saved.guest_bytes
+    ram = (snap / "ram").stat()
+    assert ram.st_size == 128 * MIB and ram.st_blocks * 512 < ram.st_size, "zero pages are holes"
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
     _nothing_left(run_dir)
