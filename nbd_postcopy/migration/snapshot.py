@@ -207,7 +207,10 @@ def save_migration_stream(qmp: Qmp, path: Path) -> float:
         try:
             wait_migration_completed(qmp, mark, STATE_TIMEOUT)
         except MigrateError as exc:
-            raise MigrateError(f"saving the device state failed: {exc}") from None
+            reader.join(5.0)  # a failed write of the file (e.g. a full disk) ends QEMU's migration: say that
+            why = f"writing {path} failed: {getattr(received[0], 'strerror', None) or received[0]}" if received \
+                else exc
+            raise MigrateError(f"saving the device state failed: {why}") from None
         reader.join(STATE_TIMEOUT)
         if reader.is_alive() or received:
             raise MigrateError(f"writing the device state to {path} failed: "
