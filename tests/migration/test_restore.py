@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbd_postcopy.common.units import PAGE_SIZE
+from nbd_postcopy.device.workingset import write_workingset
 from nbd_postcopy.migration import snapshotdir
 from nbd_postcopy.migration.restore import RestoreError, RestoreOptions, restore
 from nbd_postcopy.migration.snapshot import SnapshotOptions, machine_of, snapshot
@@ -281,4 +282,31 @@ def test_a_memfd_backed_vm_is_snapshotted_through_its_process_memory_and_restore
     ram = (snap / "ram").stat()
     assert ram.st_size == 128 * MIB and ram.st_blocks * 512 < ram.st_size, "zero pages are holes"
     _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_working_set_recorded_for_another_snapshot_is_ignored_with_a_warning(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=47 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
+        source.wait_exit(10)
+    other = f"working set of the snapshot with RAM sha256 {'0' * 64}"
+    write_workingset(snap / "workingset", list(range(0, 4096, 8)), other)
+    narration = io.StringIO()
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / "rst", stream=narration))
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    assert "warning: not replaying the working set: " in narration.getvalue()
+    assert "was recorded for another snapshot" in narration.getvalue()
+    assert report.replayed_pages == 0 and "none (no record used)" in report.summary()
+    assert report.recorded_pages > 0  # this restore's own record replaces it
+    assert (snap / "workingset").read_text().startswith(f"# {snapshotdir.workingset_comment(snapshotdir.load(snap))}\n")
     _nothing_left(run_dir)
