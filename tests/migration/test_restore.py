@@ -310,3 +310,31 @@ def test_a_working_set_recorded_for_another_snapshot_is_ignored_with_a_warning(g
     assert report.recorded_pages > 0  # this restore's own record replaces it
     assert (snap / "workingset").read_text().startswith(f"# {snapshotdir.workingset_comment(snapshotdir.load(snap))}\n")
     _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_snapshot_goes_only_into_an_absent_or_empty_directory(guest_image, run_dir):
+    occupied, empty = run_dir / "occupied", run_dir / "empty"
+    occupied.mkdir()
+    (occupied / "keep").write_text("mine")
+    empty.mkdir()
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        mark = source.qmp.mark()
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(occupied), "--keep-running")
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"nbd-postcopy snapshot: error: {occupied} already exists and is not empty: remove it or choose "
+            "another --to"), done.stderr
+        assert [p.name for p in occupied.iterdir()] == ["keep"] and (occupied / "keep").read_text() == "mine"
+        assert [p.name for p in run_dir.glob("*.partial-*")] == []
+        assert "STOP" not in [event.name for event in source.qmp.events(after=mark)], "refused before the pause"
+        assert source.qmp.status() == "running"
+
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(empty), "-q")
+        assert done.returncode == 0, done.stderr
+        source.wait_exit(10)
+    assert sorted(p.name for p in empty.iterdir()) == ["manifest.json", "ram", "state"]
+    snapshotdir.verify(empty, snapshotdir.load(empty))
+    _nothing_left(run_dir)
