@@ -338,3 +338,25 @@ def test_a_snapshot_goes_only_into_an_absent_or_empty_directory(guest_image, run
     assert sorted(p.name for p in empty.iterdir()) == ["manifest.json", "ram", "state"]
     snapshotdir.verify(empty, snapshotdir.load(empty))
     _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_device_state_qemu_refuses_rolls_the_restore_back(guest_image, run_dir, swap_lock):
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, extra_qmp=1) as destination:
+            # A snapshot whose checksums hold but whose device state is junk: it passes every check.
+            fake = _fake_snapshot(run_dir, machine_of(destination.qmp, 128 * MIB))
+            swaps = _swaps()
+            with pytest.raises(RestoreError, match="QEMU refused the device state") as failure:
+                restore(RestoreOptions(fake, destination.extra_qmp_paths[0], run_dir / "rst", quiet=True))
+            assert "rolled back: the QEMU was told to quit, the page server and the swap device are gone" in \
+                str(failure.value)
+            assert destination.wait_exit(10) is not None
+            assert _swaps() == swaps
+            assert not (run_dir / "rst" / "swap").exists()
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    snapshotdir.verify(fake, snapshotdir.load(fake))
+    assert sorted(p.name for p in fake.iterdir()) == ["manifest.json", "ram", "state"]
+    _nothing_left(run_dir)
