@@ -105,7 +105,7 @@ class _Snapshot(Narrator):
         qmp.execute("stop")
         self.paused, paused_at = True, time.monotonic()
         state_seconds = save_migration_stream(qmp, self.partial / snapshotdir.STATE)
-        self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.path or 'through /proc/PID/mem'})")
+        self.say(f"copying {ram.length >> 20} MiB of guest RAM ({ram.file or 'through /proc/PID/mem'})")
         copy = self._copy_ram(pid, ram)
         if self.o.keep_running:
             qmp.execute("cont")
@@ -145,7 +145,12 @@ class _Snapshot(Narrator):
         return ram, machine_of(qmp, ram.length), qemu_version(qmp)
 
     def _copy_ram(self, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
-        target = self.partial / snapshotdir.RAM
+        try:
+            return self._copy_ram_into(self.partial / snapshotdir.RAM, pid, ram)
+        except OSError as exc:  # e.g. the file system is full
+            raise MigrateError(f"copying guest RAM into {self.target.parent} failed: {exc.strerror or exc}") from None
+
+    def _copy_ram_into(self, target: Path, pid: int, ram: RamRegion) -> snapshotdir.CopyStats:
         if ram.file:
             with open(ram.file, "rb") as source:
                 if os.fstat(source.fileno()).st_size < ram.length:
@@ -202,7 +207,10 @@ def save_migration_stream(qmp: Qmp, path: Path) -> float:
         try:
             wait_migration_completed(qmp, mark, STATE_TIMEOUT)
         except MigrateError as exc:
-            raise MigrateError(f"saving the device state failed: {exc}") from None
+            reader.join(5.0)  # a failed write of the file (e.g. a full disk) ends QEMU's migration: say that
+            why = f"writing {path} failed: {getattr(received[0], 'strerror', None) or received[0]}" if received \
+                else exc
+            raise MigrateError(f"saving the device state failed: {why}") from None
         reader.join(STATE_TIMEOUT)
         if reader.is_alive() or received:
             raise MigrateError(f"writing the device state to {path} failed: "

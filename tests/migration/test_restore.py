@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
+import io
 import shutil
 import signal
+import sys
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from nbd_postcopy.common.units import PAGE_SIZE
+from nbd_postcopy.device.workingset import write_workingset
 from nbd_postcopy.migration import snapshotdir
 from nbd_postcopy.migration.restore import RestoreError, RestoreOptions, restore
 from nbd_postcopy.migration.snapshot import SnapshotOptions, machine_of, snapshot
@@ -160,3 +164,199 @@ def _refusals(guest_image, run_dir) -> None:
         manifest.memdev = "mem1"
         (other_memdev / "manifest.json").write_text(manifest.to_json())
         refused(other_memdev, "has no memory backend 'mem1'")
+
+
+CLI = [sys.executable, "-m", "nbd_postcopy.cli"]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`nbd-postcopy ARGS` in a subprocess (PYTHONPATH passes on, so this tree's code runs)."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append: str, name: str = "dst") -> None:
+    """Restore `snap` into a new 128 MiB QEMU waiting with -incoming defer; the guest must verify its memory."""
+    try:
+        with Vm(guest_image, run_dir, name=name, memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst-{name}", quiet=True))
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_keep_running_snapshot_resumes_the_guest_and_restores(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=31 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(snap), "--keep-running", "-q")
+        assert done.returncode == 0, done.stderr
+        assert "the VM:                    runs on" in done.stdout
+        assert source.process.poll() is None and source.qmp.status() == "running"
+        after = source.console.mark()
+        source.console.wait_for(PassOk, count=2, after=after, timeout=90)  # it goes on checking its memory
+        assert source.console.events(Failure) == [], source.console.tail()
+    assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_no_replay_ignores_the_working_set_and_no_record_leaves_it_untouched(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=37 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
+        source.wait_exit(10)
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name="first")  # records the working set
+    record = snap / "workingset"
+    before = (record.read_bytes(), record.stat())
+    assert record.read_text().startswith("# working set of the snapshot with RAM sha256 ")
+
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            done = _cli("restore", str(snap), "--qmp", str(destination.extra_qmp_paths[0]),
+                        "--work-dir", str(run_dir / "rst-cli"), "--no-replay", "--no-record", "-q")
+            assert done.returncode == 0, done.stderr
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    report = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    assert report["working set"].strip() == "none (no record used)", done.stdout
+    assert report["working set recorded"].strip() == "no", done.stdout
+    assert int(report["pages demand-fetched"].split()[0]) > 0, "without a replay the guest demands pages"
+    after = (record.read_bytes(), record.stat())
+    assert after[0] == before[0]
+    assert (after[1].st_ino, after[1].st_mtime_ns) == (before[1].st_ino, before[1].st_mtime_ns)
+    assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state", "workingset"]
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.parametrize("room, error", [
+    ("16m", "copying guest RAM into .* failed: No space left on device"),  # the device state fits
+    ("64k", "saving the device state failed: writing .* failed: No space left on device"),
+], ids=["ram-copy", "device-state"])
+def test_a_failed_snapshot_leaves_no_partial_directory_and_the_guest_runs_on(guest_image, run_dir, room, error):
+    append = "memcheck.seed=41 memcheck.mode=write"
+    full = run_dir / "full"  # a file system too small for the snapshot: it fills up partway
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(full)], check=True)
+    try:
+        with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+            source.console.wait_for(PassOk, timeout=60)
+            done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(full / "snap"))
+            assert done.returncode == 1
+            last = done.stderr.strip().splitlines()[-1]  # after the progress lines, one line says why
+            assert re.fullmatch(f"nbd-postcopy snapshot: error: {error}", last), done.stderr
+            assert "Traceback" not in done.stderr
+            assert list(full.iterdir()) == [], "no snapshot and no partial directory"
+            assert source.process.poll() is None and source.qmp.status() == "running"
+            after = source.console.mark()
+            source.console.wait_for(PassOk, count=2, after=after, timeout=90)
+            assert source.console.events(Failure) == [], source.console.tail()
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_memfd_backed_vm_is_snapshotted_through_its_process_memory_and_restores(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=43 memcheck.mode=write"
+    snap = run_dir / "snap"
+    narration = io.StringIO()
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="memfd", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, stream=narration))
+        source.wait_exit(10)
+    assert "copying 128 MiB of guest RAM (through /proc/PID/mem)" in narration.getvalue()
+    assert saved.guest_bytes == 128 * MIB and 0 < saved.data_bytes < saved.guest_bytes
+    ram = (snap / "ram").stat()
+    assert ram.st_size == 128 * MIB and ram.st_blocks * 512 < ram.st_size, "zero pages are holes"
+    _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append)
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_working_set_recorded_for_another_snapshot_is_ignored_with_a_warning(guest_image, run_dir, swap_lock):
+    append = "memcheck.seed=47 memcheck.mode=write"
+    snap = run_dir / "snap"
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
+        source.wait_exit(10)
+    other = f"working set of the snapshot with RAM sha256 {'0' * 64}"
+    write_workingset(snap / "workingset", list(range(0, 4096, 8)), other)
+    narration = io.StringIO()
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / "rst", stream=narration))
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    assert "warning: not replaying the working set: " in narration.getvalue()
+    assert "was recorded for another snapshot" in narration.getvalue()
+    assert report.replayed_pages == 0 and "none (no record used)" in report.summary()
+    assert report.recorded_pages > 0  # this restore's own record replaces it
+    assert (snap / "workingset").read_text().startswith(f"# {snapshotdir.workingset_comment(snapshotdir.load(snap))}\n")
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_snapshot_goes_only_into_an_absent_or_empty_directory(guest_image, run_dir):
+    occupied, empty = run_dir / "occupied", run_dir / "empty"
+    occupied.mkdir()
+    (occupied / "keep").write_text("mine")
+    empty.mkdir()
+    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        mark = source.qmp.mark()
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(occupied), "--keep-running")
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"nbd-postcopy snapshot: error: {occupied} already exists and is not empty: remove it or choose "
+            "another --to"), done.stderr
+        assert [p.name for p in occupied.iterdir()] == ["keep"] and (occupied / "keep").read_text() == "mine"
+        assert [p.name for p in run_dir.glob("*.partial-*")] == []
+        assert "STOP" not in [event.name for event in source.qmp.events(after=mark)], "refused before the pause"
+        assert source.qmp.status() == "running"
+
+        done = _cli("snapshot", "--qmp", str(source.extra_qmp_paths[0]), "--to", str(empty), "-q")
+        assert done.returncode == 0, done.stderr
+        source.wait_exit(10)
+    assert sorted(p.name for p in empty.iterdir()) == ["manifest.json", "ram", "state"]
+    snapshotdir.verify(empty, snapshotdir.load(empty))
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_device_state_qemu_refuses_rolls_the_restore_back(guest_image, run_dir, swap_lock):
+    try:
+        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, extra_qmp=1) as destination:
+            # A snapshot whose checksums hold but whose device state is junk: it passes every check.
+            fake = _fake_snapshot(run_dir, machine_of(destination.qmp, 128 * MIB))
+            swaps = _swaps()
+            with pytest.raises(RestoreError, match="QEMU refused the device state") as failure:
+                restore(RestoreOptions(fake, destination.extra_qmp_paths[0], run_dir / "rst", quiet=True))
+            assert "rolled back: the QEMU was told to quit, the page server and the swap device are gone" in \
+                str(failure.value)
+            assert destination.wait_exit(10) is not None
+            assert _swaps() == swaps
+            assert not (run_dir / "rst" / "swap").exists()
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    snapshotdir.verify(fake, snapshotdir.load(fake))
+    assert sorted(p.name for p in fake.iterdir()) == ["manifest.json", "ram", "state"]
+    _nothing_left(run_dir)
