@@ -142,7 +142,8 @@ def check_destination_alive(qmp: Qmp, pid: int) -> None:
     the guest's last intact copy go. A QMP answer after the device's status proves that the QEMU was
     not dying when the status was read (docs/DESIGN.md, "A dead destination looks complete")."""
     if exited(pid):
-        raise MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover")
+        raise MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover (a swap-in that fails, "
+                           "e.g. one that waited longer than the device's timeout, kills the guest)")
     try:
         qmp.status()
     except VmError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import sys
 import time
@@ -29,7 +30,6 @@ from typing import TextIO
 from urllib.parse import quote
 
 from ..common.linux import free_port
-from ..common.progress import Progress
 from ..common.qmp import Qmp, QmpEvent, VmError
 from ..common.units import bracket
 from ..device.control import ControlError, request
@@ -48,6 +48,7 @@ from .destination import (
     detach_device,
     exited,
     fault_latency,
+    wait_for_prefetch,
     wait_gone,
 )
 from .ram import RAM_ID, RamRegion
@@ -255,26 +256,22 @@ class Receiver(StepDriver):
                 raise MigrateError(f"the sender sent {message.type} while QEMU waited for the device state")
 
     def _wait_local(self, qmp: Qmp, dst_pid: int) -> None:
-        status = self._device("status")
-        total = status["remaining"]
-        bar = Progress("fetching", total, quiet=self.o.quiet, stream=self.stream)
+        """Until every page is here (the sender's source is needed until then: no giving up on a stalled
+        prefetcher), telling the sender how many pages remain about once a second."""
         next_report = 0.0
-        while (remaining := status["remaining"]) > 0:
-            bar.update(total - remaining)
-            if time.monotonic() >= next_report:
+
+        def report_progress(status: dict) -> None:
+            nonlocal next_report
+            if status["remaining"] and time.monotonic() >= next_report:
                 next_report = time.monotonic() + 1.0
                 try:
-                    self.channel.send("progress", remaining=remaining, pages=status["pages"])
+                    self.channel.send("progress", remaining=status["remaining"], pages=status["pages"])
                 except ch.ChannelError as exc:
                     log.warning("the channel to the sender is gone (%s); carrying on", exc)
-            if exited(dst_pid):
-                raise MigrateError(f"the destination QEMU (pid {dst_pid}) exited after the switchover with "
-                                   f"{remaining} pages still at the source (a swap-in that waited longer than the "
-                                   "device's timeout fails, and kills the guest)")
-            status = self._device("wait-local")  # at once when every page is local, else within 0.2 s
-        check_destination_alive(qmp, dst_pid)  # a dead QEMU's trimmed slots look local too
-        bar.update(total)
-        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+
+        wait_for_prefetch(self._device, self.o.quiet, self.stream,
+                          check_alive=lambda: check_destination_alive(qmp, dst_pid),
+                          on_status=report_progress, stall_seconds=math.inf)
 
     def _device(self, command: str) -> dict:
         try:
