@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
-import io
 import shutil
 import signal
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,31 +50,44 @@ def _restored_guest_verifies(vm: Vm) -> None:
     assert vm.qmp.status() == "running"
 
 
+def _snapshot_of_a_fresh_guest(guest_image, run_dir, snap, append: str, mib: int = 128, ram: str = "file",
+                               stream=None):
+    """Boot a guest, let it verify its memory once, snapshot it into `snap` (the VM quits); the report."""
+    with Vm(guest_image, run_dir, name="src", memory_mib=mib, ram=ram, append=append, extra_qmp=1) as source:
+        source.console.wait_for(PassOk, timeout=60)
+        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=stream is None, stream=stream))
+        source.wait_exit(10)
+    return saved
+
+
+def _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append: str, name: str = "dst", stream=None,
+                               mib: int = 128):
+    """Restore `snap` into a new QEMU waiting with -incoming defer; the guest must verify its memory.
+    Returns the restore's report."""
+    try:
+        with Vm(guest_image, run_dir, name=name, memory_mib=mib, ram="ram", incoming=True, append=append,
+                extra_qmp=1) as destination:
+            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst-{name}",
+                                            quiet=stream is None, stream=stream))
+            _restored_guest_verifies(destination)
+    finally:
+        _remove_what_a_failed_restore_left(run_dir)
+    return report
+
+
 @pytest.mark.slow
 @pytest.mark.root
 def test_snapshot_then_restore_twice_with_working_set_replay(guest_image, run_dir, swap_lock):
     append = "memcheck.seed=23 memcheck.mode=write"
     snap = run_dir / "snap"
-    with Vm(guest_image, run_dir, name="src", memory_mib=256, ram="file", append=append, extra_qmp=1) as source:
-        source.console.wait_for(PassOk, timeout=60)
-        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
-        source.wait_exit(10)
+    saved = _snapshot_of_a_fresh_guest(guest_image, run_dir, snap, append, mib=256)
     assert saved.guest_bytes == 256 * MIB and saved.data_bytes < saved.guest_bytes
     assert saved.state_bytes < 16 * MIB, "guest RAM must not be in the device state"
     assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
     assert [p.name for p in run_dir.glob("snap.partial-*")] == []
 
-    reports = []
-    try:
-        for number in (1, 2):
-            with Vm(guest_image, run_dir, name=f"dst{number}", memory_mib=256, ram="ram", incoming=True,
-                    append=append, extra_qmp=1) as destination:
-                report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst{number}",
-                                                quiet=True))
-                reports.append(report)
-                _restored_guest_verifies(destination)
-    finally:
-        _remove_what_a_failed_restore_left(run_dir)
+    reports = [_restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name=f"dst{number}", mib=256)
+               for number in (1, 2)]
     first, second = reports
     assert first.replayed_pages == 0 and first.recorded_pages > 0
     assert (snap / "workingset").read_text().startswith("# working set of the snapshot with RAM sha256 ")
@@ -174,17 +187,6 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append: str, name: str = "dst") -> None:
-    """Restore `snap` into a new 128 MiB QEMU waiting with -incoming defer; the guest must verify its memory."""
-    try:
-        with Vm(guest_image, run_dir, name=name, memory_mib=128, ram="ram", incoming=True, append=append,
-                extra_qmp=1) as destination:
-            restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / f"rst-{name}", quiet=True))
-            _restored_guest_verifies(destination)
-    finally:
-        _remove_what_a_failed_restore_left(run_dir)
-
-
 @pytest.mark.slow
 @pytest.mark.root
 def test_a_keep_running_snapshot_resumes_the_guest_and_restores(guest_image, run_dir, swap_lock):
@@ -209,10 +211,7 @@ def test_a_keep_running_snapshot_resumes_the_guest_and_restores(guest_image, run
 def test_no_replay_ignores_the_working_set_and_no_record_leaves_it_untouched(guest_image, run_dir, swap_lock):
     append = "memcheck.seed=37 memcheck.mode=write"
     snap = run_dir / "snap"
-    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
-        source.console.wait_for(PassOk, timeout=60)
-        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
-        source.wait_exit(10)
+    _snapshot_of_a_fresh_guest(guest_image, run_dir, snap, append)
     _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name="first")  # records the working set
     record = snap / "workingset"
     before = (record.read_bytes(), record.stat())
@@ -273,10 +272,7 @@ def test_a_memfd_backed_vm_is_snapshotted_through_its_process_memory_and_restore
     append = "memcheck.seed=43 memcheck.mode=write"
     snap = run_dir / "snap"
     narration = io.StringIO()
-    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="memfd", append=append, extra_qmp=1) as source:
-        source.console.wait_for(PassOk, timeout=60)
-        saved = snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, stream=narration))
-        source.wait_exit(10)
+    saved = _snapshot_of_a_fresh_guest(guest_image, run_dir, snap, append, ram="memfd", stream=narration)
     assert "copying 128 MiB of guest RAM (through /proc/PID/mem)" in narration.getvalue()
     assert saved.guest_bytes == 128 * MIB and 0 < saved.data_bytes < saved.guest_bytes
     ram = (snap / "ram").stat()
@@ -290,20 +286,11 @@ def test_a_memfd_backed_vm_is_snapshotted_through_its_process_memory_and_restore
 def test_a_working_set_recorded_for_another_snapshot_is_ignored_with_a_warning(guest_image, run_dir, swap_lock):
     append = "memcheck.seed=47 memcheck.mode=write"
     snap = run_dir / "snap"
-    with Vm(guest_image, run_dir, name="src", memory_mib=128, ram="file", append=append, extra_qmp=1) as source:
-        source.console.wait_for(PassOk, timeout=60)
-        snapshot(SnapshotOptions(source.extra_qmp_paths[0], snap, quiet=True))
-        source.wait_exit(10)
+    _snapshot_of_a_fresh_guest(guest_image, run_dir, snap, append)
     other = f"working set of the snapshot with RAM sha256 {'0' * 64}"
     write_workingset(snap / "workingset", list(range(0, 4096, 8)), other)
     narration = io.StringIO()
-    try:
-        with Vm(guest_image, run_dir, name="dst", memory_mib=128, ram="ram", incoming=True, append=append,
-                extra_qmp=1) as destination:
-            report = restore(RestoreOptions(snap, destination.extra_qmp_paths[0], run_dir / "rst", stream=narration))
-            _restored_guest_verifies(destination)
-    finally:
-        _remove_what_a_failed_restore_left(run_dir)
+    report = _restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, stream=narration)
     assert "warning: not replaying the working set: " in narration.getvalue()
     assert "was recorded for another snapshot" in narration.getvalue()
     assert report.replayed_pages == 0 and "none (no record used)" in report.summary()
