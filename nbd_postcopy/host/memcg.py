@@ -104,11 +104,6 @@ class Memcg:
             return InPlace(version, current), current
         if name == "auto":
             memcg = cls.open_or_create(version, current / f"{AUTO_PREFIX}{pid}")
-            if version == 2 and not (memcg.path / "memory.reclaim").exists():
-                if memcg.created:
-                    memcg.path.rmdir()
-                log.info("cgroup v2: %s cannot have a memory-controlled child; staging in place", current)
-                return InPlace(version, current), current
         else:
             root = V1_ROOT if version == 1 else _v2_root()
             assert root is not None
@@ -116,6 +111,9 @@ class Memcg:
         if version == 2 and not (memcg.path / "memory.reclaim").exists():
             if memcg.created:
                 memcg.path.rmdir()
+            if name == "auto":
+                log.info("cgroup v2: %s cannot have a memory-controlled child; staging in place", current)
+                return InPlace(version, current), current
             raise OSError(errno.ENOTSUP, f"cgroup v2: {memcg.path} has no memory controller (its parent's "
                           "cgroup.subtree_control lacks +memory); pick a cgroup that has one with --memcg NAME")
         return memcg, current
@@ -226,6 +224,10 @@ class InPlace(Memcg):
 
     def __init__(self, version: int, path: Path):
         super().__init__(version, path, created=False)
+        if version == 2 and path != _v2_root() and not (path / "memory.stat").exists():
+            raise OSError(errno.ENOTSUP, f"cgroup v2: {path} has no memory controller (its parent's "
+                          "cgroup.subtree_control lacks +memory), so staging in place could not check its swap "
+                          "cache; stage in a cgroup that has one with --memcg NAME")
 
     def move(self, pid: int) -> None:
         pass
@@ -243,8 +245,7 @@ class InPlace(Memcg):
                 raise
 
     def stat(self) -> dict[str, int]:
-        try:
-            return super().stat()
-        except FileNotFoundError:  # the cgroup v2 root has no memory.stat
-            return {}
+        if self.version == 2 and self.path == _v2_root():
+            return {}  # the cgroup v2 root has no memory.stat
+        return super().stat()
 

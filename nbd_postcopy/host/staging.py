@@ -390,8 +390,8 @@ def stage_range(pid: int, address: int, length: int, codec: MarkerCodec, device:
             if isinstance(exc, StagingError):
                 raise StagingError(f"{exc}; {state}") from exc
             raise
-    if memcg_name == "auto" and not memcg.in_place:
-        memcg.remove(home)
+    if memcg_name == "auto":
+        memcg.remove(home)  # only a memcg staging made (not the target's own, in place)
     report.seconds = time.monotonic() - started
     return report
 
@@ -492,11 +492,12 @@ def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
     """
     report.memcg_swapcached_bytes = _settled_swapcached(memcg)
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
-    if report.memcg_swapcached_bytes and not memcg.in_place:
+    if report.memcg_swapcached_bytes:
+        shared = (" (staged in place: that count may include other processes' pages; make sure nothing else in "
+                  "that memcg uses swap, or stage in a dedicated memcg with --memcg)") if memcg.in_place else ""
         raise StagingError(f"verify: memcg {memcg.path} still has {report.memcg_swapcached_bytes} bytes in the "
-                           "swap cache after reclaim")
-    # In place the target's own memcg is one of the "other" ones: its count may include other processes' pages.
-    _verify_other_memcgs(frames, exclude=0 if memcg.in_place else memcg.inode, version=memcg.version)
+                           f"swap cache after reclaim{shared}")
+    _verify_other_memcgs(frames, exclude=memcg.inode, version=memcg.version)
 
 
 def _settled_swapcached(memcg: Memcg) -> int:
@@ -508,9 +509,10 @@ def _settled_swapcached(memcg: Memcg) -> int:
 
 
 def _verify_other_memcgs(frames: Frames, exclude: int, version: int) -> None:
-    """Pages touched before staging (or staged in place) are charged to a memcg other than a dedicated one
-    (`exclude`). A swap-cache copy of one of them would be charged there too, so that memcg's swapcached
-    counter must be 0 (it may include other processes' pages: then this check cannot tell, and says so)."""
+    """Pages touched before staging are charged to a memcg other than the one staging used (`exclude`,
+    checked by _verify_counters). A swap-cache copy of one of them would be charged there too, so that
+    memcg's swapcached counter must be 0 (it may include other processes' pages: then this check cannot
+    tell, and says so)."""
     for inode in set(frames.memcg) - {0, exclude}:
         path = find_by_inode(version, inode)
         if path is None:
@@ -521,8 +523,8 @@ def _verify_other_memcgs(frames: Frames, exclude: int, version: int) -> None:
         if cached:
             count = sum(1 for cg in frames.memcg if cg == inode)
             raise StagingError(
-                f"verify: {count} pages of the range are charged to memcg {path} (touched before staging, or "
-                f"staged in place), which has {cached} bytes in the swap cache: some may be pages of the range "
+                f"verify: {count} pages of the range are charged to memcg {path} (touched before staging), "
+                f"which has {cached} bytes in the swap cache: some may be pages of the range "
                 "(make sure nothing else in that memcg uses swap, or stage in a dedicated memcg with --memcg)")
 
 
