@@ -163,10 +163,11 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
     no progress for `stall_seconds`: completion then fetches what is left itself. `device(command)`
     asks the device's control socket ("status", then "wait-local", which answers the moment every page
     is local); `check_alive()` raises if the guest's QEMU is gone (check_destination_alive), and runs
-    after every status read, the last one included; `on_status`, if given, sees every status read.
+    after every status read; `on_status`, if given, sees every status read.
     Returns the last.
     """
     status = device("status")
+    check_alive()
     total = status["remaining"]
     bar = Progress("fetching", total, quiet=quiet, stream=stream)
     last, since = None, time.monotonic()
@@ -180,8 +181,7 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
             bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
             return status
         status = device("wait-local")  # answers the moment every page is local, else within 0.2 s
-        check_alive()
-    check_alive()  # "every page local" is also what a dead QEMU's trimmed slots look like
+        check_alive()  # after every read: "every page local" is also what a dead QEMU's trimmed slots look like
     if on_status is not None:
         on_status(status)
     bar.update(total)

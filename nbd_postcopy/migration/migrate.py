@@ -382,7 +382,7 @@ class _Migration(PhasedDriver):
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:
         argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *ram.serve_args(src_pid),
                 "--listen", f"unix:{self.socket}", "--gate", "closed"]
-        self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.path or 'anonymous'}) on {self.socket}, "
+        self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.file or 'through /proc/PID/mem'}) on {self.socket}, "
                  "gate closed")
         with open(self.server_log, "ab") as log_file:
             self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,

@@ -200,9 +200,9 @@ class _Restore(PhasedDriver):
         status = wait_for_prefetch(self._device, self.o.quiet, self.stream,
                                    check_alive=lambda: check_destination_alive(qmp, self.pid),
                                    on_status=count_first_faults)
-        local_after = time.monotonic() - resumed if status.get("complete") else None
-        recorded = self._record(manifest, replay) if self.o.record else 0
         released = bool(status.get("complete"))
+        local_after = time.monotonic() - resumed if released else None
+        recorded = self._record(manifest, replay) if self.o.record else 0
         if released:  # every page is local: the page server is not needed
             self.server.stop()
             self._enter(Phase.RELEASED)
