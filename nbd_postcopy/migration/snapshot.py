@@ -206,15 +206,17 @@ def save_migration_stream(qmp: Qmp, path: Path) -> float:
         qmp.migrate(f"unix:{address}")
         try:
             wait_migration_completed(qmp, mark, STATE_TIMEOUT)
+            failure = None
         except MigrateError as exc:
-            reader.join(5.0)  # a failed write of the file (e.g. a full disk) ends QEMU's migration: say that
-            why = f"writing {path} failed: {getattr(received[0], 'strerror', None) or received[0]}" if received \
-                else exc
-            raise MigrateError(f"saving the device state failed: {why}") from None
-        reader.join(STATE_TIMEOUT)
-        if reader.is_alive() or received:
-            raise MigrateError(f"writing the device state to {path} failed: "
-                               f"{received[0] if received else 'QEMU did not close the stream'}")
+            failure = exc
+        # A failed write of the file (e.g. a full disk) ends QEMU's migration, or comes after QEMU has sent
+        # everything into the socket: either way, say that.
+        reader.join(5.0 if failure else STATE_TIMEOUT)
+        if received:
+            why = getattr(received[0], "strerror", None) or received[0]
+            raise MigrateError(f"saving the device state failed: writing {path} failed: {why}")
+        if failure or reader.is_alive():
+            raise MigrateError(f"saving the device state failed: {failure or 'QEMU did not close the stream'}")
     finally:
         listener.close()
         shutil.rmtree(socket_dir, ignore_errors=True)
