@@ -282,6 +282,8 @@ class Device:
         self._pending = Bitmap(self.slots)  # mapped and not local yet
         self._touched = Bitmap(self.slots)  # ever written or trimmed (reads of others are anomalies)
         self._has_data = Bitmap(self.slots)  # the page file may hold bytes here (else it is a hole)
+        self._storing = Bitmap(self.slots)  # fetched pages being written to the page file, outside the lock
+        self._stored = threading.Condition(self._lock)  # notified when a store ends
         self._zero = Bitmap(pages)  # guest pages the source reported as all zeros
         self._store = PageStore(cache_dir, self.slots)
 
@@ -540,16 +542,15 @@ class Device:
         self._store.write(slot, data)
         self._has_data.set_range(slot, slot + len(data) // PAGE_SIZE)
 
-    def _store_fetched(self, slot: int, data) -> int:
-        """Store fetched pages of slots that are waiting for them (so their page file region is a hole):
-        all-zero pages stay holes. Returns the number of zero pages."""
-        zero = 0
+    def _store_fetched(self, slot: int, data) -> list[tuple[int, int]]:
+        """Write fetched pages of claimed slots (_claim_locked) to the page file, where their region is a
+        hole: all-zero pages stay holes. Needs no lock. Returns the [start, end) slot ranges written."""
+        written = []
         for start, end, is_zero in zero_runs(data):
-            if is_zero:
-                zero += (end - start) // PAGE_SIZE
-            else:
-                self._store_pages(slot + start // PAGE_SIZE, data[start:end])
-        return zero
+            if not is_zero:
+                self._store.write(slot + start // PAGE_SIZE, data[start:end])
+                written.append((slot + start // PAGE_SIZE, slot + -(-end // PAGE_SIZE)))
+        return written
 
     # --- I/O --------------------------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -580,6 +581,7 @@ class Device:
         untouched: list[int] = []
         end = first + count
         with self._lock:
+            self._wait_for_stores_locked(first, end)
             # Swap-ins of whole clusters, in bulk: every slot mapped and local, or every slot waiting
             # for one run of consecutive guest pages. Anything else goes slot by slot.
             plain = self.armed and first > 0 and self._overlay.find(first, end) < 0
@@ -663,45 +665,64 @@ class Device:
                 reason, sum(r.count for r in runs), runs[0].guest, type(exc).__name__, exc,
             )
             raise DeviceIOError(f"fetch from the source failed: {exc}") from exc
-        stored = zero = 0
         with self._lock:
-            for run, data in zip(runs, datas):
-                pages, zeros = self._store_run(run, data)
-                stored += pages - zeros
-                zero += zeros
-            self.fetched[reason] += stored
-            self.fetched_zero += zero
+            claims = [claim for run, data in zip(runs, datas) for claim in self._claim_locked(run, data)]
+        written: list[tuple[int, int, list[tuple[int, int]]]] = []  # (slot, pages, data slot ranges)
+        try:
+            for slot, data in claims:  # outside the lock: a pwrite into fresh page cache can take milliseconds
+                written.append((slot, len(data) // PAGE_SIZE, self._store_fetched(slot, data)))
+        finally:
+            stored = zero = 0  # data pages made local; zero pages made local (holes)
+            with self._lock:
+                for slot, data in claims:
+                    self._storing.clear_range(slot, slot + len(data) // PAGE_SIZE)
+                for slot, count, data_ranges in written:
+                    for start, end in data_ranges:
+                        self._has_data.set_range(start, end)
+                    newly_local = self._pending.count(slot, slot + count)  # (the zero-page settle may have been first)
+                    self._pending.clear_range(slot, slot + count)
+                    self.remaining -= newly_local
+                    data_pages = sum(end - start for start, end in data_ranges)
+                    stored += data_pages
+                    zero += newly_local - data_pages
+                self.fetched[reason] += stored
+                self.fetched_zero += zero
+                self._stored.notify_all()
         self._fetched_counters[reason].inc(stored)
         self.metrics.fetched_bytes.inc(sum(len(d) for d in datas))
         self._check_complete()
 
-    def _store_run(self, run: Run, data) -> tuple[int, int]:
-        """Store the pages of `run` whose slot still maps to the same guest page and is not local yet
-        (a slot remapped, trimmed or overwritten while the fetch was in flight keeps its new state).
-        Returns (pages stored, how many of them were all zeros)."""
+    def _claim_locked(self, run: Run, data) -> list[tuple[int, memoryview]]:
+        """The pieces of a fetched `run` to store: slots that still map to the same guest page, are not
+        local yet and are not being stored by another fetch (a slot remapped, trimmed or overwritten while
+        the fetch was in flight keeps its new state). They are marked as being stored: until the store
+        ends, writes and trims of those slots wait, and so do reads (_wait_for_stores_locked)."""
         end = run.slot + run.count
-        if self._pending.count(run.slot, end) == run.count and self._consecutive_run_locked(run.slot, run.count) == run:
-            # the usual case: nothing changed while the fetch was in flight
-            zero = self._store_fetched(run.slot, data)
-            self._pending.clear_range(run.slot, end)
-            self.remaining -= run.count
-            return run.count, zero
-        stored = zero = 0
         view = memoryview(data)
-        i = 0
-        while i < run.count:
-            j = i
-            while j < run.count and self._guest[run.slot + j] == run.guest + j + 1 and self._pending.get(run.slot + j):
-                j += 1
-            if j > i:
-                zero += self._store_fetched(run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE])
-                self._pending.clear_range(run.slot + i, run.slot + j)
-                self.remaining -= j - i
-                stored += j - i
-                i = j
-            else:
-                i += 1
-        return stored, zero
+        if (self._pending.count(run.slot, end) == run.count and self._storing.find(run.slot, end) < 0
+                and self._consecutive_run_locked(run.slot, run.count) == run):
+            pieces = [(run.slot, view)]  # the usual case: nothing changed while the fetch was in flight
+        else:
+            pieces = []
+            i = 0
+            while i < run.count:
+                j = i
+                while (j < run.count and self._guest[run.slot + j] == run.guest + j + 1
+                       and self._pending.get(run.slot + j) and not self._storing.get(run.slot + j)):
+                    j += 1
+                if j > i:
+                    pieces.append((run.slot + i, view[i * PAGE_SIZE : j * PAGE_SIZE]))
+                    i = j
+                else:
+                    i += 1
+        for slot, piece in pieces:
+            self._storing.set_range(slot, slot + len(piece) // PAGE_SIZE)
+        return pieces
+
+    def _wait_for_stores_locked(self, start: int, end: int) -> None:
+        """Wait until no fetched page in slots [start, end) is being written to the page file."""
+        while self._storing.find(start, end) >= 0:
+            self._stored.wait()
 
     def pending_runs(self, start: int, end: int, max_runs: int, max_pages: int) -> list[Run]:
         """Up to `max_runs` runs (each at most `max_pages`) of mapped, not-yet-local slots in [start, end)."""
@@ -743,6 +764,7 @@ class Device:
         for chunk_start in range(0, count, LOCK_BATCH):
             chunk_end = min(chunk_start + LOCK_BATCH, count)
             with self._lock:
+                self._wait_for_stores_locked(first + chunk_start, first + chunk_end)
                 data_start = None  # first page of the current run of data (overlay) pages
                 for i in range(chunk_start, chunk_end):
                     if guests[i] is None:
@@ -780,6 +802,7 @@ class Device:
         for start in range(first, end, LOCK_BATCH):  # `swapon --discard` trims the whole device
             stop = min(start + LOCK_BATCH, end)
             with self._lock:
+                self._wait_for_stores_locked(start, stop)
                 self._touched.set_range(start, stop)
                 if self._overlay.find(start, stop) < 0 and self._guest[start:stop] == _NO_SLOTS[: stop - start]:
                     continue  # nothing held here

@@ -469,26 +469,83 @@ def test_big_write_mixing_markers_and_data(tmp_path, codec):
 
 
 @pytest.mark.parametrize("change", ["none", "remapped", "trimmed", "overwritten"])
-def test_one_page_store_agrees_with_the_run_store(tmp_path, change):
-    """_store_run's one-page shortcut stores exactly when the general run logic would (the general logic
-    runs here on a two-page run whose second page is unchanged)."""
+def test_a_fetched_run_stores_only_what_did_not_change_in_flight(tmp_path, codec, change):
+    """A one-page run and a two-page run whose second page is unchanged store the first page alike: the
+    whole-run shortcut of _claim_locked agrees with its piece-by-piece path."""
     image = random_image(64)
     results = []
     for pages in (1, 2):
-        device, _ = make_device(tmp_path, image=image)
+        device, source = make_device(tmp_path, image=image)
         stage(device, {3: 10, 4: 11})
         device.arm()
-        if change == "remapped":
-            stage(device, {3: 20})
-        elif change == "trimmed":
-            device.trim(3 * P, P)
-        elif change == "overwritten":
-            device.write(b"\x55" * P, 3 * P)
-        with device._lock:
-            stored, _ = device._store_run(Run(3, 10, pages), image[10 * P : (10 + pages) * P])
-        results.append((stored - (pages - 1), device.remaining + (pages - 1), device.read(3 * P, P)))
+
+        def race():
+            source.before_reply = None
+            if change == "remapped":
+                stage(device, {3: 20})
+            elif change == "trimmed":
+                device.trim(3 * P, P)
+            elif change == "overwritten":
+                device.write(b"\x55" * P, 3 * P)
+
+        source.before_reply = race
+        device.fetch([Run(3, 10, pages)], source, "prefetch", 1.0)
+        results.append((device.fetched["prefetch"] - (pages - 1), device.remaining + (pages - 1),
+                        device.is_local(3), device.read(3 * P, P)))
     assert results[0] == results[1]
     assert results[0][0] == (1 if change == "none" else 0)
+    assert results[0][3] == {"none": image[10 * P : 11 * P], "remapped": image[20 * P : 21 * P],
+                             "trimmed": bytes(P), "overwritten": b"\x55" * P}[change]
+
+
+class HeldStore:
+    """Holds the device's next page-file write of fetched pages until released (the store runs outside the
+    device lock, so other threads can act on the same slots meanwhile)."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.original = device._store.write
+        device._store.write = self.write
+
+    def write(self, slot, data):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        self.original(slot, data)
+
+
+@pytest.mark.parametrize("action", ["remap", "overwrite", "trim", "read"])
+def test_a_slot_being_stored_waits_for_its_store(tmp_path, codec, action):
+    """The page-file write of fetched pages runs outside the device lock. A remap, overwrite or trim of
+    the same slot meanwhile must not race it (the fetched bytes would land over the new state), and a read
+    must not fetch the page again: each waits until the store ends."""
+    device, source = make_device(tmp_path)
+    stage(device, {3: 10})
+    device.arm()
+    held = HeldStore(device)
+    prefetch = threading.Thread(target=device.fetch, args=([Run(3, 10, 1)], source, "prefetch", 5.0))
+    prefetch.start()
+    assert held.entered.wait(5)
+    new_data = os.urandom(P)
+    read_back = []
+    act = {"remap": lambda: stage(device, {3: 20}), "overwrite": lambda: device.write(new_data, 3 * P),
+           "trim": lambda: device.trim(3 * P, P), "read": lambda: read_back.append(device.read(3 * P, P))}[action]
+    other = threading.Thread(target=act)
+    other.start()
+    other.join(0.3)
+    assert other.is_alive(), f"{action} did not wait for the store of its slot"
+    held.release.set()
+    prefetch.join(5)
+    other.join(5)
+    assert not other.is_alive() and not prefetch.is_alive()
+    assert len(source.calls) == 1  # nothing was fetched twice
+    assert device.status()["remaining"] == (1 if action == "remap" else 0)  # a remapped slot waits for its new page
+    expected = {"remap": source.image[20 * P : 21 * P], "overwrite": new_data, "trim": bytes(P),
+                "read": source.image[10 * P : 11 * P]}[action]
+    assert device.read(3 * P, P) == expected
+    if action == "read":
+        assert read_back == [expected]
 
 
 def test_fetched_zero_pages_stay_holes_in_the_page_file(tmp_path):
