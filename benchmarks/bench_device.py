@@ -10,7 +10,8 @@
    `nbd-postcopy serve` alone. These rows and the prefetch-off plugin take turns in --rounds rounds; each
    reports the median of its per-round p50 and p99.
 2. The same demand reads while the prefetcher runs flat out (one run after the rounds, started once it
-   fetches pages; reads go to the far end of the sweep, so they are still demand fetches).
+   fetches pages; reads go to the far end of the sweep, so they are still demand fetches), each followed
+   by a read of a page the prefetcher has already made local (what most swap-ins right after a switchover are).
 3. The plugin's resident memory (VmRSS) after staging every page, at several guest sizes.
 4. Demand swap-in through the kernel (needs root; holds the test suite's swap lock): a process's fresh
    memory staged onto the real swap device (loop + nbdfuse + nbdkit + plugin, prefetch off, fetching
@@ -73,6 +74,7 @@ FLOOR = "nbdkit nbd (C) -> nbdkit memory (C): two hops, no Python"  # the floor 
 PROXIED = "nbdkit nbd (C) -> nbd-postcopy serve"  # the source page server's share of a demand fetch
 IDLE = "postcopy, prefetch off"
 BUSY = "postcopy, prefetcher running"
+BUSY_LOCAL = "postcopy, prefetcher running, page already local"
 
 
 def free_port() -> int:
@@ -129,6 +131,28 @@ def latencies(handle: nbd.NBD, offsets: list[int], think: float = 0.0) -> list[f
         if think:
             time.sleep(think)
     return out
+
+
+def busy_latencies(handle: nbd.NBD, control: Path, offsets: list[int], think: float,
+                   rng: random.Random) -> tuple[list[float], list[float], int]:
+    """While the prefetcher runs: each demand read at `offsets` is followed, `think` apart, by a read of a
+    random slot in the lower quarter of what the prefetcher has already fetched (its sweep starts at slot
+    1): a read of a local page, which is what most of a guest's swap-ins right after the switchover are.
+    A status read after each pair tells whether that read was a demand fetch after all (the prefetcher
+    also fetches around each demand read, so its count runs ahead of the sweep); such reads are left out.
+    Returns (demand latencies, local latencies, local reads left out)."""
+    demand, local = [], []
+    status = request(str(control), "status")
+    left_out = 0
+    for offset in offsets:
+        demand += latencies(handle, [offset], think)
+        sample = latencies(handle, [rng.randrange(1, max(2, status["fetched_prefetch"] // 4)) * P], think)
+        before, status = status["fetched_demand"], request(str(control), "status")
+        if status["fetched_demand"] - before == 1:  # only the demand read's own fetch
+            local += sample
+        else:
+            left_out += 1
+    return demand, local, left_out
 
 
 def summary(samples: list[float]) -> tuple[float, float]:
@@ -269,7 +293,8 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: 
             stage_all(handle, codec, pages)
             request(str(control), "arm")
             wait_prefetching(control)
-            busy = summary(latencies(handle, offsets, think))
+            demand, local, left_out = busy_latencies(handle, control, offsets, think, rng)
+            busy, busy_local = summary(demand), summary(local)
             status = request(str(control), "status")
             busy_demand, busy_prefetched = status["fetched_demand"], status["fetched_prefetch"]
             handle.shutdown()
@@ -284,9 +309,11 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: 
         each = " ".join(f"{p50:.0f}" for p50, _ in per_round[label])
         print(f"  {label:58} p50 {p50:7.1f} us   p99 {p99:7.1f} us   (p50 per round: {each})")
     print(f"  {BUSY:58} p50 {busy[0]:7.1f} us   p99 {busy[1]:7.1f} us")
+    print(f"  {BUSY_LOCAL:58} p50 {busy_local[0]:7.1f} us   p99 {busy_local[1]:7.1f} us")
     print(
-        f"  (reads that were demand fetches: prefetch off {idle_demand} of {len(idle_offsets)}, prefetching "
-        f"{busy_demand} of {len(offsets)}; pages prefetched meanwhile: {busy_prefetched})"
+        f"  (reads that were demand fetches: prefetch off {idle_demand} of {len(idle_offsets)}; prefetching "
+        f"{busy_demand} for {len(offsets)} demand reads and {len(offsets)} meant to be of local pages, of which "
+        f"{left_out} were not and are left out; pages prefetched meanwhile: {busy_prefetched})"
     )
     print(f"  ratio p50 idle / memory: {p50_ratio:.2f}x (target <= 2x)")
     print(f"  ratio p50 two-C-hop floor / memory: {floor_ratio:.2f}x; idle / floor: {ours_ratio:.2f}x; "
@@ -309,6 +336,8 @@ def bench_latency(work: Path, guest_mib: int, reads: int, think: float, rounds: 
             round_row(PROXIED, 2),
             round_row(IDLE, 2, idle_demand, 0),
             [BUSY, 2, *busy, "-", f"{len(offsets)} in 1", busy_demand, busy_prefetched],
+            [BUSY_LOCAL, 2, *busy_local, "-", f"{len(local)} in 1", f"0 ({left_out} reads that fetched left out)",
+             "as above"],
             [f"ratios of p50: idle / memory {p50_ratio:.2f}x (target <= 2x, {'met' if p50_ratio <= 2 else 'missed'}); "
              f"two-C-hop floor / memory {floor_ratio:.2f}x; idle / floor {ours_ratio:.2f}x; C nbd -> serve / floor "
              f"{proxied_ratio:.2f}x; of p99: prefetching / idle {p99_ratio:.2f}x (target <= 2x, "
@@ -634,9 +663,11 @@ def main() -> int:
         f"method: the first five rows take turns in {args.rounds} rounds (order rotating each round); in each round "
         f"a row gets {WARM_UP} warm-up reads, then its measured reads; p50 and p99 are the median over the rounds. "
         "The prefetch-off plugin is staged once, each round reads its own share of its slots and warms up on other "
-        "slots (a slot is a demand fetch only once). The prefetcher-running row is one run after the rounds, "
+        "slots (a slot is a demand fetch only once). The prefetcher-running rows are one run after the rounds, "
         "without warm-up (its prefetcher makes slots local as it goes), started once the prefetcher fetches pages "
-        "(not while it still asks the source which pages are zero)",
+        "(not while it still asks the source which pages are zero); each demand read there is followed by a read "
+        "of a random page in the lower quarter of what the prefetcher has fetched, kept as a local read only if "
+        "the device's demand fetch count says it fetched nothing",
         "targets (issue 3): p50 <= 2x the C memory plugin; p99 with the prefetcher running <= 2x p99 idle",
         "swap-in through the kernel: a process (benchmarks/toucher.py) maps fresh memory, which is staged "
         "(host/staging.py stage_range) onto the device attached as tests/swapdev.py does (nbdkit under the "
