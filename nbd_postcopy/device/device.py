@@ -69,8 +69,6 @@ class PageSource(Protocol):
     size: int
     connected: bool
 
-    def read_many(self, ranges: Sequence[tuple[int, int]], timeout: float) -> list[bytes]: ...
-
     def read_many_into(self, ranges: Sequence[tuple[int, int]], views: Sequence[memoryview], timeout: float) -> None: ...
 
     def block_status(self, offset: int, length: int, timeout: float) -> list[tuple[int, int]]: ...
@@ -645,17 +643,14 @@ class Device:
         into: Sequence[memoryview] | None = None,
     ) -> None:
         """Fetch `runs` from `source` in one round trip and store the pages of slots that still map
-        to them. With `into`, run i is received into into[i] (the caller's memory: no allocation per
-        fetch, which costs fresh zeroed pages at this size), else into new bytes."""
+        to them. Run i is received into into[i] (the caller's memory: no allocation per fetch, which
+        costs fresh zeroed pages at this size), or into new buffers if `into` is not given."""
         if source is None:
             raise DeviceIOError("no source connection")
         ranges = [(run.guest * PAGE_SIZE, run.count * PAGE_SIZE) for run in runs]
+        datas = into if into is not None else [memoryview(bytearray(length)) for _, length in ranges]
         try:
-            if into is None:
-                datas = source.read_many(ranges, timeout)
-            else:
-                datas = into
-                source.read_many_into(ranges, datas, timeout)
+            source.read_many_into(ranges, datas, timeout)
         except Exception as exc:
             with self._lock:
                 self.source_errors += 1
