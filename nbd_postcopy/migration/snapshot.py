@@ -96,6 +96,12 @@ class _Snapshot(Narrator):
         return drive(self.o.qmp, "snapshotted", self._run, self._fail)
 
     def _run(self, qmp: Qmp) -> SnapshotReport:
+        try:
+            return self._steps(qmp)
+        except OSError as exc:  # writing the snapshot directory (a full file system, for instance)
+            raise MigrateError(f"the snapshot failed: {exc}") from None
+
+    def _steps(self, qmp: Qmp) -> SnapshotReport:
         started = time.monotonic()
         pid = qmp.peer_pid()
         ram, machine, version = self._check(qmp, pid)

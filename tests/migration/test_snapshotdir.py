@@ -120,3 +120,19 @@ def test_bad_manifests_say_what_is_wrong(tmp_path):
     path.write_text("{")
     with pytest.raises(SnapshotError, match="is not valid JSON"):
         snapshotdir.load(directory)
+
+
+def test_a_failed_write_of_the_snapshot_reaches_callers_as_one_line(tmp_path, monkeypatch):
+    """snapshot() callers other than the CLI get a MigrateError that says why, never a raw OSError
+    (the end-to-end full-disk tests are in test_restore.py)."""
+    from nbd_postcopy.migration.destination import MigrateError
+    from nbd_postcopy.migration.snapshot import SnapshotOptions, _Snapshot
+
+    job = _Snapshot(SnapshotOptions(tmp_path / "qmp.sock", tmp_path / "snap"))
+
+    def full_disk(qmp):
+        raise OSError(28, "No space left on device", str(tmp_path / "snap.partial" / "manifest.json"))
+
+    monkeypatch.setattr(job, "_steps", full_disk)
+    with pytest.raises(MigrateError, match=r"^the snapshot failed: \[Errno 28\] No space left on device: .*manifest"):
+        job._run(None)
