@@ -3,7 +3,7 @@
 For each guest size and workload (idle: the guest only reads its memory; write: it also rewrites a
 slice of it every pass) both methods migrate the same guest on localhost, and the table reports
   - downtime (QEMU's own figure from the source's query-migrate),
-  - switchover to resume (source STOP event to destination RESUME event, on the host clock),
+  - switchover to resume (source STOP event to destination RESUME event, by the timestamps QEMU puts on them),
   - total time (QEMU's total-time for its postcopy; source release time for nbd-postcopy),
   - guest-visible stall: the largest gap between guest heartbeats (printed every ~50 ms) from the
     start of the migration until `--settle` seconds after it ended, on the host clock,
@@ -99,7 +99,7 @@ def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: 
         ended = time.monotonic()
         stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
         return Row(method, size_mib, workload, result.downtime_ms,
-                   (result.resume_time - result.switchover_time) * 1000, result.total_time_ms, stall * 1000,
+                   result.switchover_to_resume_ms, result.total_time_ms, stall * 1000,
                    result.transferred_bytes / 2**20, verified,
                    gaps=_gaps(source, destination, started, ended, result.switchover_time))
 

@@ -45,6 +45,16 @@ class QmpEvent:
     name: str
     data: dict[str, Any]
     host_time: float  # time.monotonic() when the event arrived
+    qemu_time: float | None = None  # the wall-clock time QEMU stamped it with (seconds since the epoch)
+
+
+def seconds_between(first: QmpEvent, second: QmpEvent) -> float:
+    """Seconds from `first` to `second`, two events of QEMUs on the same host: by QEMU's own stamps when
+    both have one (the arrival of an event can lag: a source's STOP has arrived after the destination's
+    RESUME), else by arrival."""
+    if first.qemu_time is not None and second.qemu_time is not None:
+        return second.qemu_time - first.qemu_time
+    return second.host_time - first.host_time
 
 
 class Qmp:
@@ -93,7 +103,9 @@ class Qmp:
 
     async def _pump_events(self, listener) -> None:
         async for message in listener:
-            event = QmpEvent(message["event"], dict(message.get("data", {})), time.monotonic())
+            stamp = message.get("timestamp") or {}
+            qemu_time = stamp["seconds"] + stamp["microseconds"] / 1e6 if "seconds" in stamp else None
+            event = QmpEvent(message["event"], dict(message.get("data", {})), time.monotonic(), qemu_time)
             for callback in list(self._callbacks):
                 try:
                     callback(event)

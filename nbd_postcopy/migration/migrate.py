@@ -62,7 +62,7 @@ from .destination import (  # (the tests import some of them from here)
     wait_migration_completed,
 )
 from .ram import RAM_ID, RamRegion
-from ..common.qmp import Qmp, QmpEvent, VmError
+from ..common.qmp import Qmp, QmpEvent, VmError, seconds_between
 from ..host.staging import stage_range
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,8 @@ class _Migration(PhasedDriver):
         self.say("migrating device state (x-ignore-shared)")
         started, stop, resume, info = self._switch_over(source, destination)
         self._enter(Phase.RESUMED)
-        self.say(f"the guest runs at the destination ({(resume.host_time - stop.host_time) * 1000:.1f} ms "
+        switchover_ms = seconds_between(stop, resume) * 1000
+        self.say(f"the guest runs at the destination ({switchover_ms:.1f} ms "
                  f"after the source stopped); completing")
         released_at = None
         prefetched = wait_for_prefetch(self._device, self.o.quiet, self.stream,
@@ -325,7 +326,7 @@ class _Migration(PhasedDriver):
             guest_bytes=dst_ram.length,
             stage_seconds=stage.seconds,
             downtime_ms=info.get("downtime"),
-            switchover_to_resume_ms=(resume.host_time - stop.host_time) * 1000,
+            switchover_to_resume_ms=switchover_ms,
             complete_seconds=completion.seconds,
             total_seconds=total,
             device_state_bytes=info.get("ram", {}).get("transferred", 0),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..common.qmp import Qmp, QmpError, QmpEvent, VmError
+from ..common.qmp import Qmp, QmpError, QmpEvent, VmError, seconds_between
 from ..migration.ram import RAM_ID, RamRegion, ram_region_of
 from .guest import ConsoleEvent, Failure, GuestImage, Heartbeat, PassOk, parse_console_line
 
@@ -318,6 +318,7 @@ class MigrationResult:
     postcopy_requests: int | None
     switchover_time: float  # time.monotonic() when the source stopped
     resume_time: float  # time.monotonic() when the destination resumed
+    switchover_to_resume_ms: float  # by QEMU's own event stamps (common.qmp.seconds_between)
     info: dict[str, Any]  # the source's final query-migrate
 
 
@@ -335,6 +336,7 @@ def _result(source: Qmp, status: str, stop: QmpEvent, resume: QmpEvent) -> Migra
         postcopy_requests=ram.get("postcopy-requests"),
         switchover_time=stop.host_time,
         resume_time=resume.host_time,
+        switchover_to_resume_ms=seconds_between(stop, resume) * 1000,
         info=info,
     )
 

@@ -71,6 +71,9 @@ def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
         assert report.device_state_bytes < 16 * MIB, "guest RAM must not travel in QEMU's stream"
         assert report.source_released
         assert report.pages_demand + report.pages_prefetch > 0
+        # by QEMU's own event stamps: the destination cannot resume before the source stopped (by arrival,
+        # a late STOP event has made this negative)
+        assert 0 < report.switchover_to_resume_ms < 10_000
         source.wait_exit(10)
 
         after = destination.console.mark()
