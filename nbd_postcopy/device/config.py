@@ -35,6 +35,8 @@ KEYS = {
     "source-id": "instance id the source must report (nbd-postcopy serve --instance-id); default: learned on the "
     "first connection. Either way a reconnect to a server with another id is refused",
     "replay": "file of guest page numbers (a recorded working set, one a line) to prefetch first after arming",
+    "warm": "on|off: while staging, bring the page file's pages for the mapped slots into memory, so that the "
+    "prefetcher's writes after arming do not pay for fresh memory (default on)",
 }
 REQUIRED = ("source", "key")
 
@@ -58,6 +60,7 @@ class PluginConfig:
     cache_dir: str = DEFAULT_CACHE_DIR
     timeout: float = DEFAULT_TIMEOUT
     prefetch: bool = True
+    warm: bool = True
     armed: bool = False
     label: str = ""
     uuid: uuid_module.UUID | None = None
@@ -117,6 +120,8 @@ class PluginConfig:
                 raise ValueError("must be a positive number of seconds")
         elif key == "prefetch":
             self.prefetch = _choice(value, on=True, off=False)
+        elif key == "warm":
+            self.warm = _choice(value, on=True, off=False)
         elif key == "armed":
             self.armed = _choice(value, yes=True, no=False)
         elif key == "label":

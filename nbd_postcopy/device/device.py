@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -54,6 +55,7 @@ LOCK_BATCH = 1024  # slots handled per lock hold by big writes, trims and scans,
 SETTLE_CHUNK = 256  # slots per lock hold when zero pages are settled (a few word operations each)
 SETTLE_YIELD = 16  # chunks between two pauses of the settling thread, so waiting reads get the lock
 ANOMALY_LOG_LIMIT = 20  # log lines about anomalies before only counting them
+WARM_CHUNK = 2048  # slots (8 MiB) of the page file brought into memory per call while staging
 _NO_SLOTS = array("I", bytes(4 * LOCK_BATCH))
 
 
@@ -220,10 +222,65 @@ class PageStore:
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    def bring_in(self, slot: int, count: int) -> bool:
+        """Put the page cache pages of `count` slots from `slot` in memory (holes read as clean zero
+        pages), through the unlocked mapping. False if the kernel refused."""
+        return (self._file_view or self._map()).populate(slot * PAGE_SIZE, count * PAGE_SIZE)
+
+    def resident(self, slot: int, count: int) -> bool:
+        return (self._file_view or self._map()).resident(slot * PAGE_SIZE, count * PAGE_SIZE)
+
     def close(self) -> None:
         if self._file_view is not None:
             self._file_view.close()
         os.close(self.fd)
+
+
+class PageFileWarmer:
+    """Brings the page file's pages into memory for the slots that staging maps, before the switchover.
+
+    The prefetcher's writes into the page file land in fresh page cache, and on a host that backs a VM's
+    memory only when it is first touched (free page reporting), that first touch cost up to 4.5 s per
+    GiB, most of the prefetcher's CPU at 4 GiB, inside the migration's window (docs/DESIGN.md, "The page
+    file is warmed while staging"). One thread, started by the first range (a write request: after nbdkit
+    has forked and locked its memory), takes ranges from a queue and brings them in, WARM_CHUNK slots a
+    call; it stops at arming, when the guest's own swap-ins need the CPU."""
+
+    def __init__(self, store: PageStore):
+        self._store = store
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.warmed = 0  # slots brought in
+
+    def want(self, start: int, end: int) -> None:
+        """Bring slots [start, end) in, soon."""
+        if self._stopped.is_set():
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="page-file-warmer", daemon=True)
+                self._thread.start()
+        self._ranges.put((start, end))
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopped.set()
+        self._ranges.put(None)
+        if timeout is not None and self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._ranges.get()) is not None and not self._stopped.is_set():
+            start, end = item
+            for slot in range(start, end, WARM_CHUNK):
+                if self._stopped.is_set():
+                    return
+                count = min(WARM_CHUNK, end - slot)
+                if not self._store.bring_in(slot, count):
+                    log.info("bringing the page file into memory stopped: the kernel refused at slot %d", slot)
+                    return
+                self.warmed += count
 
 
 def page_span(offset: int, length: int) -> tuple[int, int, int]:
@@ -259,6 +316,7 @@ class Device:
         label: str = "",
         swap_uuid: uuid_module.UUID | None = None,
         metrics: DeviceMetrics | None = None,
+        warm: bool = False,
     ):
         if pages < 1:
             raise ValueError(f"pages must be at least 1, got {pages}")
@@ -284,6 +342,7 @@ class Device:
         self._stored = threading.Condition(self._lock)  # notified when a store ends
         self._zero = Bitmap(pages)  # guest pages the source reported as all zeros
         self._store = PageStore(cache_dir, self.slots)
+        self._warmer = PageFileWarmer(self._store) if warm else None  # brings mapped slots' pages in while staging
 
         self.mapped = 0
         self.remaining = 0
@@ -332,6 +391,7 @@ class Device:
                 "fetched_demand": self.fetched["demand"],
                 "fetched_prefetch": self.fetched["prefetch"],
                 "fetched_zero": self.fetched_zero,
+                "page_file_warmed": self._warmer.warmed if self._warmer is not None else 0,
             }
 
     def watch_metrics(self) -> None:
@@ -399,6 +459,8 @@ class Device:
         self.metrics.source_refusals.inc()
 
     def close(self) -> None:
+        if self._warmer is not None:
+            self._warmer.stop(timeout=5.0)
         self._store.close()
 
     # --- arming ---------------------------------------------------------------------------------
@@ -408,6 +470,8 @@ class Device:
             if self.armed:
                 return
             self.armed = True
+        if self._warmer is not None:
+            self._warmer.stop()
         self.armed_event.set()
         log.info("armed: %d mapped pages will be fetched from the source", self.mapped)
         self._check_complete()
@@ -773,6 +837,10 @@ class Device:
                         data_start = None
                 if data_start is not None:
                     self._store_pages(first + data_start, data[data_start * PAGE_SIZE : chunk_end * PAGE_SIZE])
+            if self._warmer is not None and not self.armed:
+                mapped = [i for i in range(chunk_start, chunk_end) if guests[i] is not None]
+                if mapped:
+                    self._warmer.want(first + mapped[0], first + mapped[-1] + 1)
 
     def _parse_marker(self, slot: int, page: memoryview) -> int | None:
         """The guest page a written page maps its slot to, or None if the page is data."""

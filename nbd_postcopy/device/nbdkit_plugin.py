@@ -2,7 +2,7 @@
 
     nbdkit [-U SOCK | -p PORT] python plugin/postcopy.py source=URI (pages=N | size=BYTES) key=KEYFILE
            [headroom=N] [metrics=HOST:PORT] [control=PATH] [cache-dir=DIR] [timeout=SECONDS]
-           [prefetch=on|off] [armed=yes|no] [label=TEXT] [uuid=UUID] [replay=FILE]
+           [prefetch=on|off] [warm=on|off] [armed=yes|no] [label=TEXT] [uuid=UUID] [replay=FILE]
 
 Slot 0 of the export is a swap header (swapon works without mkswap); slots 1 .. pages + headroom hold
 guest pages. Writes of keyed marker pages (from `nbd-postcopy stage`) map slots to guest pages; other
@@ -99,6 +99,7 @@ def config_complete():
             timeout=_config.timeout,
             label=_config.label,
             swap_uuid=_config.uuid,
+            warm=_config.warm,
         )
         if _config.replay:
             _replay = read_workingset(_config.replay, _config.pages)

@@ -556,3 +556,36 @@ def test_fetched_zero_pages_stay_holes_in_the_page_file(tmp_path):
     assert device.fetched_zero == 3 and device.fetched["demand"] == 1
     assert device._store.allocated_bytes() <= P  # only the data page was written
     assert device.read(P, 3 * P) == bytes(3 * P)  # now local: read back from the holes
+
+
+def test_staging_brings_the_page_file_in_and_arming_stops_it(tmp_path, codec):
+    """With warm=True, the page file's pages of the slots that markers map are brought into memory
+    (clean zero pages of the hole) while staging, and not after arming; data and holes read as before."""
+    device, source = make_device(tmp_path, pages=4096, headroom=0, warm=True)
+    try:
+        stage(device, {slot: slot - 1 for slot in range(1, 2049)})
+        deadline = time.monotonic() + 10
+        while device.status()["page_file_warmed"] < 2048 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert device.status()["page_file_warmed"] >= 2048
+        assert device._store.resident(1, 2048)
+        assert device._store.allocated_bytes() == 0  # in memory, not on disk: nothing was written
+        device.arm()
+        device.write(b"".join(codec.page(g) for g in range(2048, 4096)), 2049 * P)  # mapped after arming
+        time.sleep(0.2)
+        assert device.status()["page_file_warmed"] < 4096
+        assert device.read(P, 2 * P) == source.image[: 2 * P]
+        assert device.read(2049 * P, P) == source.image[2048 * P : 2049 * P]
+    finally:
+        device.close()
+
+
+def test_without_warm_nothing_is_brought_in(tmp_path, codec):
+    device, _ = make_device(tmp_path, pages=256, headroom=0)
+    try:
+        stage(device, {slot: slot - 1 for slot in range(1, 257)})
+        time.sleep(0.1)
+        assert device.status()["page_file_warmed"] == 0
+        assert not device._store.resident(1, 256)
+    finally:
+        device.close()

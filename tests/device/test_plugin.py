@@ -163,6 +163,21 @@ def test_page_file_reads_stay_unlocked_under_nbdkit_swap(processes, run_dir, sou
     handle.shutdown()
 
 
+def test_staging_warms_the_page_file_unlocked_under_nbdkit_swap(processes, run_dir, source, image, key_file):
+    """warm=on (the default): the page file's pages of the staged slots are brought into memory before
+    arming, through the same unlocked mapping (nbdkit --swap must not pin them), and reads after arming
+    are right."""
+    plugin = Plugin(processes, run_dir, source.uri("unix"), key_file, "prefetch=off", nbdkit_options=("--swap",))
+    handle = plugin.connect()
+    stage(plugin, handle, {slot: slot - 1 for slot in range(1, PAGES + 1)})
+    wait_until(lambda: plugin.status()["page_file_warmed"] >= PAGES, what="page file warmed")
+    mapping = page_file_mapping(plugin.proc.pid, run_dir)
+    assert mapping["Rss"] >= PAGES * P >> 10 and mapping["Locked"] == 0
+    request(str(plugin.control), "arm")
+    assert handle.pread(64 * P, 100 * P) == image.read_bytes()[99 * P : 163 * P]
+    handle.shutdown()
+
+
 def test_prefetcher_makes_everything_local(processes, run_dir, source, image, key_file):
     plugin = Plugin(processes, run_dir, source.uri("unix"), key_file)
     handle = plugin.connect()
@@ -337,7 +352,7 @@ def test_a_metrics_port_in_use_is_reported_with_the_key(run_dir, key_file):
 
 def test_dump_plugin_lists_keys():
     out = subprocess.run(["nbdkit", "python", str(PLUGIN), "--dump-plugin"], capture_output=True, text=True, check=True).stdout
-    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id" in out
+    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id,replay,warm" in out
     assert "thread_model=parallel" in out or "max_thread_model=parallel" in out
 
 
