@@ -197,11 +197,15 @@ class PageStore:
 
     def read_into(self, view: memoryview, slot: int) -> None:
         start = slot * PAGE_SIZE
-        file_view = self._file_view or self._map()
+        file_view = self.view()
         if file_view.populate(start, len(view)):
             view[:] = file_view.view[start : start + len(view)]
         elif os.preadv(self.fd, [view], start) != len(view):  # (it reports an I/O error as OSError)
             raise DeviceIOError(f"short read from the page cache file at slot {slot}")
+
+    def view(self) -> FileView:
+        """The read-only mapping of the page file, made on first use."""
+        return self._file_view or self._map()
 
     def _map(self) -> FileView:
         with self._map_lock:
@@ -225,10 +229,7 @@ class PageStore:
     def bring_in(self, slot: int, count: int) -> bool:
         """Put the page cache pages of `count` slots from `slot` in memory (holes read as clean zero
         pages), through the unlocked mapping. False if the kernel refused."""
-        return (self._file_view or self._map()).populate(slot * PAGE_SIZE, count * PAGE_SIZE)
-
-    def resident(self, slot: int, count: int) -> bool:
-        return (self._file_view or self._map()).resident(slot * PAGE_SIZE, count * PAGE_SIZE)
+        return self.view().populate(slot * PAGE_SIZE, count * PAGE_SIZE)
 
     def close(self) -> None:
         if self._file_view is not None:

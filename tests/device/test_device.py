@@ -568,7 +568,7 @@ def test_staging_brings_the_page_file_in_and_arming_stops_it(tmp_path, codec):
         while device.status()["page_file_warmed"] < 2048 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert device.status()["page_file_warmed"] >= 2048
-        assert device._store.resident(1, 2048)
+        assert device._store.view().resident(P, 2048 * P)
         assert device._store.allocated_bytes() == 0  # in memory, not on disk: nothing was written
         device.arm()
         device.write(b"".join(codec.page(g) for g in range(2048, 4096)), 2049 * P)  # mapped after arming
@@ -586,6 +586,6 @@ def test_without_warm_nothing_is_brought_in(tmp_path, codec):
         stage(device, {slot: slot - 1 for slot in range(1, 257)})
         time.sleep(0.1)
         assert device.status()["page_file_warmed"] == 0
-        assert not device._store.resident(1, 256)
+        assert not device._store.view().resident(P, 256 * P)
     finally:
         device.close()
