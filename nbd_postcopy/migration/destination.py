@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PREFETCH_STALL_SECONDS = 5.0
+QMP_LOSS_EXIT_WAIT = 5.0  # seconds to wait for a QEMU whose QMP connection dropped to exit
 
 
 class MigrateError(Exception):
@@ -141,12 +142,18 @@ def check_destination_alive(qmp: Qmp, pid: int) -> None:
     reports every page local: a driver that took that for "the source is no longer needed" would let
     the guest's last intact copy go. A QMP answer after the device's status proves that the QEMU was
     not dying when the status was read (docs/DESIGN.md, "A dead destination looks complete")."""
+    gone = MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover (a swap-in that fails, "
+                        "e.g. one that waited longer than the device's timeout, kills the guest)")
     if exited(pid):
-        raise MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover (a swap-in that fails, "
-                           "e.g. one that waited longer than the device's timeout, kills the guest)")
+        raise gone
     try:
         qmp.status()
     except VmError as exc:
+        # A QEMU that is exiting drops its QMP connection a moment before its process is gone: wait for
+        # that, so that the failure is reported (and handled: the device goes down) as the exit it is.
+        wait_gone(pid, QMP_LOSS_EXIT_WAIT)
+        if exited(pid):
+            raise gone from None
         raise MigrateError(f"the destination QEMU (pid {pid}) no longer answers QMP after the switchover "
                            f"({exc})") from None
 
