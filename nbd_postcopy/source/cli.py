@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import ssl
+import sys
 import uuid
 
 from prometheus_client import CollectorRegistry
@@ -199,4 +201,15 @@ def run(args) -> int:
         asyncio.run(_serve(args, source))
     finally:
         source.close()
-    return 0
+    _exit_at_once()
+
+
+def _exit_at_once() -> None:
+    """Exit 0 without the interpreter's teardown, once the server has shut down cleanly (listeners closed,
+    Unix sockets removed, source closed). The teardown freed every module and object one by one: 60 ms
+    on an idle machine and 166 ms at the end of a migration, where `migrate` waits for this process to
+    exit before it counts the source as released (docs/DESIGN.md, "Decisions")."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
