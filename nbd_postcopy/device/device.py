@@ -116,29 +116,30 @@ class Bitmap:
         self._fill(start, end, False)
 
     def _fill(self, start: int, end: int, value: bool) -> None:
-        edit = self.set if value else self.clear
-        while start < end and start & 7:
-            edit(start)
-            start += 1
-        whole_end = end & ~7
-        if start < whole_end:
-            self.bits[start >> 3 : whole_end >> 3] = (b"\xff" if value else b"\0") * ((whole_end - start) >> 3)
-            start = whole_end
-        while start < end:
-            edit(start)
-            start += 1
+        """Bits start .. end-1 to `value`: masks on the first and last byte, whole bytes between (the
+        prefetcher's runs start at odd slots, so bit-by-bit edges cost it a dozen calls per run)."""
+        if start >= end:
+            return
+        first, last = start >> 3, (end - 1) >> 3
+        head = (0xFF << (start & 7)) & 0xFF  # bits of the first byte from `start` on
+        tail = (2 << ((end - 1) & 7)) - 1  # bits of the last byte up to end-1
+        bits = self.bits
+        if first == last:
+            head &= tail
+        elif last - first > 1:
+            bits[first + 1 : last] = (b"\xff" if value else b"\0") * (last - first - 1)
+        if value:
+            bits[first] |= head
+            if first != last:
+                bits[last] |= tail
+        else:
+            bits[first] &= ~head & 0xFF
+            if first != last:
+                bits[last] &= ~tail & 0xFF
 
     def count(self, start: int, end: int) -> int:
         """How many bits in [start, end) are set."""
-        total = 0
-        while start < end and start & 7:
-            total += self.get(start)
-            start += 1
-        whole_end = end & ~7
-        if start < whole_end:
-            total += int.from_bytes(self.bits[start >> 3 : whole_end >> 3], "little").bit_count()
-            start = whole_end
-        return total + sum(self.get(i) for i in range(start, end))
+        return self.word(start, end - start).bit_count() if start < end else 0
 
     def word(self, start: int, count: int) -> int:
         """Bits start .. start+count-1 as one integer: bit k is index start+k (beyond the end: 0)."""

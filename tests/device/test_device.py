@@ -457,6 +457,23 @@ def test_bitmap_ranges():
         assert [i for i in range(256) if not bitmap.get(i)] == list(range(start, end))
 
 
+def test_bitmap_range_edits_and_counts_agree_with_bits():
+    rng = random.Random(11)
+    for _ in range(500):
+        bitmap = Bitmap(200)
+        expected = [False] * 200
+        for _ in range(rng.randrange(1, 6)):
+            start = rng.randrange(200)
+            end = rng.randrange(start, 201)
+            value = rng.random() < 0.6
+            (bitmap.set_range if value else bitmap.clear_range)(start, end)
+            expected[start:end] = [value] * (end - start)
+        assert [bitmap.get(i) for i in range(200)] == expected
+        start = rng.randrange(201)
+        end = rng.randrange(start, 201)
+        assert bitmap.count(start, end) == sum(expected[start:end])
+
+
 def test_big_write_mixing_markers_and_data(tmp_path, codec):
     device, source = make_device(tmp_path, pages=3000, headroom=0)
     pages = [codec.page(i) if i % 3 == 0 else os.urandom(P) for i in range(3000)]
