@@ -28,7 +28,6 @@ import argparse
 import fcntl
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from migrate_probe import WINDOW, MigrationProbe, ProbeResult  # noqa: E402
 from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
 from nbd_postcopy.migration.migrate import MigrateOptions, migrate  # noqa: E402
 from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate, verified_after  # noqa: E402
+from tests.swapdev import remove_run_dir  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # one failed method must not lose the other rows
                     result = Row(method, size, workload, *["n/a"] * (len(COLUMNS) - 4), f"FAILED: {exc}")
                 finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+                    remove_run_dir(run_dir)  # (and any device a failed run left attached)
                 row = result.cells()
                 print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.1f}" for c in row), flush=True)
                 runs.append(result)

@@ -24,7 +24,6 @@ import argparse
 import fcntl
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from nbd_postcopy.migration.restore import FIRST_SECONDS, RestoreOptions, restor
 from nbd_postcopy.migration.snapshot import SnapshotOptions, save_migration_stream, snapshot  # noqa: E402
 from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
 from nbd_postcopy.testbench.vm import Vm, verified_after  # noqa: E402
+from tests.swapdev import remove_run_dir  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 GUEST_ARGS = "memcheck.seed=1234 memcheck.mode=write"
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             rows.append(["(saving the guest)", size] + ["n/a"] * (len(COLUMNS) - 3) + [f"FAILED: {exc}"])
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)  # (and any device a failed run left attached)
 
     notes = [
         f"{machine_context()}; load average at the end {os.getloadavg()[0]:.1f} (a shared machine: other jobs may "

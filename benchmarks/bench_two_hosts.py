@@ -27,7 +27,6 @@ import fcntl
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from nbd_postcopy.source.shaping import parse_rate  # noqa: E402
 from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
 from nbd_postcopy.testbench.vm import Vm, largest_gap, merged_heartbeats, postcopy_migrate, verified_after  # noqa: E402
 from tests.netns import RoutedHosts, routed_hosts  # noqa: E402
+from tests.swapdev import remove_run_dir  # noqa: E402
 
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 CLI = [sys.executable, "-m", "nbd_postcopy.cli"]
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                         except Exception as exc:  # one failed method must not lose the other rows
                             row = [method, link, size, workload] + ["n/a"] * (len(COLUMNS) - 5) + [f"FAILED: {exc}"]
                         finally:
-                            shutil.rmtree(run_dir, ignore_errors=True)
+                            remove_run_dir(run_dir)  # (and any device a failed run left attached)
                         print(" | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in row), flush=True)
                         rows.append(row)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbd_postcopy.device.markers import MarkerCodec
-from tests.swapdev import plain_swap_device
+from tests.swapdev import plain_swap_device, remove_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -33,7 +32,8 @@ def run_dir():
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_run_dir(path)
+
 
 
 @pytest.fixture

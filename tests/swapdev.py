@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -34,7 +35,15 @@ from pathlib import Path
 from nbd_postcopy.common.linux import find_swap, is_mounted, loop_backing_file, process_matches
 from nbd_postcopy.device.markers import MarkerCodec
 from nbd_postcopy.host import attachment
-from nbd_postcopy.host.attachment import AttachOptions, CollectingReporter, Settings, State
+from nbd_postcopy.host.attachment import (
+    STATE_JSON,
+    Attachment,
+    AttachmentError,
+    AttachOptions,
+    CollectingReporter,
+    Settings,
+    State,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_SWAP = REPO / "scripts" / "setup-swap.sh"
@@ -267,3 +276,28 @@ def marker_image(codec: MarkerCodec, pages: int, path: Path) -> Path:
         for start in range(0, pages, 256):
             f.write(b"".join(codec.page(i) for i in range(start, min(start + 256, pages))))
     return path
+
+
+def detach_left_behind(directory: Path) -> list[str]:
+    """Take down every swap attachment whose state lies under `directory` (without completion), and return
+    their names. A driver that fails, or a process the test killed, can leave its device attached at swap
+    priority 32767, where the next test's pages would go; its state directory would be deleted under it."""
+    left = []
+    for record in list(directory.rglob(STATE_JSON)):  # (detach removes directories the walk would enter)
+        try:
+            left_over = Attachment.load(record.parent)
+        except (OSError, ValueError, AttachmentError):
+            continue  # not an attachment's record
+        left.append(left_over.name)
+        print(f"{left_over.name} was left attached ({left_over.state.device}); detaching it")
+        try:
+            left_over.detach(complete=False)
+        except AttachmentError as exc:
+            print(f"could not detach {left_over.name}: {exc}")
+    return left
+
+
+def remove_run_dir(directory: Path) -> None:
+    """Remove a test's or benchmark's scratch directory, after taking down any attachment left in it."""
+    detach_left_behind(directory)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -28,6 +28,7 @@ from nbd_postcopy.host.attachment import (
     stop_signals_raise,
 )
 from tests.swapdev import (
+    detach_left_behind,
     assert_nothing_left,
     attached_postcopy_swap,
     in_proc_swaps,
@@ -418,3 +419,24 @@ def test_detach_leaves_an_entry_whose_state_went_missing_under_a_mount_alone(tmp
         assert is_mounted(mount_point)
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@root
+@pytest.mark.slow
+def test_run_dir_takes_down_an_attachment_left_behind(run_dir, plugin_keys, swap_lock):
+    """A driver that fails, or a process a test kills, can leave its device attached; the run_dir fixture
+    detaches every attachment whose state lies under it, so none spills into later tests."""
+    name = f"t{os.getpid()}l"
+    state_dir = run_dir / "receiver-work" / name
+    state_dir.parent.mkdir()
+    swap, _ = attach_in_process(state_dir.parent, name, plugin_keys)
+    try:
+        assert in_proc_swaps(swap.state.device)
+        (run_dir / "unrelated").mkdir()
+        (run_dir / "unrelated" / "state.json").write_text("{}")  # not an attachment's record: left alone
+        assert detach_left_behind(run_dir) == [name]
+        assert not in_proc_swaps(swap.state.device)
+        assert detach_left_behind(run_dir) == []
+    finally:
+        attachment.detach(name, complete=False)
+    assert_nothing_left(state_dir, name)
