@@ -26,14 +26,14 @@ def run_dir():
     """A short private directory for Unix sockets and scratch files.
 
     Name: /tmp/nbdpc-XXXX   Scope: function   Depends: nothing
-    (pytest's tmp_path can exceed the 108-byte limit of a Unix socket path.)
+    (pytest's tmp_path can exceed the 108-byte limit of a Unix socket path.) At the end, any swap
+    attachment whose state lies inside is detached before the directory goes (tests/swapdev.py).
     """
     path = Path(tempfile.mkdtemp(prefix="nbdpc-", dir="/tmp"))
     try:
         yield path
     finally:
         remove_run_dir(path)
-
 
 
 @pytest.fixture

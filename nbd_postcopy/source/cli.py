@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import uuid
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry
 
@@ -204,7 +205,7 @@ def run(args) -> int:
     _exit_at_once()
 
 
-def _exit_at_once() -> None:
+def _exit_at_once() -> NoReturn:
     """Exit 0 without the interpreter's teardown, once the server has shut down cleanly (listeners closed,
     Unix sockets removed, source closed). The teardown freed every module and object one by one: 60 ms
     on an idle machine and 166 ms at the end of a migration, where `migrate` waits for this process to

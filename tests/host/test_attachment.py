@@ -28,9 +28,9 @@ from nbd_postcopy.host.attachment import (
     stop_signals_raise,
 )
 from tests.swapdev import (
-    detach_left_behind,
     assert_nothing_left,
     attached_postcopy_swap,
+    detach_left_behind,
     in_proc_swaps,
     is_mounted,
     loop_backing_file,
