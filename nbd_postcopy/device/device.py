@@ -840,9 +840,11 @@ class Device:
                 if data_start is not None:
                     self._store_pages(first + data_start, data[data_start * PAGE_SIZE : chunk_end * PAGE_SIZE])
             if self._warmer is not None and not self.armed:
-                mapped = [i for i in range(chunk_start, chunk_end) if guests[i] is not None]
-                if mapped:
-                    self._warmer.want(first + mapped[0], first + mapped[-1] + 1)
+                chunk = range(chunk_start, chunk_end)
+                low = next((i for i in chunk if guests[i] is not None), None)
+                if low is not None:
+                    high = next(i for i in reversed(chunk) if guests[i] is not None)
+                    self._warmer.want(first + low, first + high + 1)
 
     def _parse_marker(self, slot: int, page: memoryview) -> int | None:
         """The guest page a written page maps its slot to, or None if the page is data."""

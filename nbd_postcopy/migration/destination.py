@@ -108,10 +108,14 @@ def exited(pid: int) -> bool:
         return True
 
 
-def wait_gone(pid: int, timeout: float) -> None:
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for process `pid` to exit; True if it has."""
     deadline = time.monotonic() + timeout
-    while not exited(pid) and time.monotonic() < deadline:
+    while not exited(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def attach_device(keys: list[str], name: str, state_dir: Path) -> attachment.Attachment:
@@ -142,20 +146,22 @@ def check_destination_alive(qmp: Qmp, pid: int) -> None:
     reports every page local: a driver that took that for "the source is no longer needed" would let
     the guest's last intact copy go. A QMP answer after the device's status proves that the QEMU was
     not dying when the status was read (docs/DESIGN.md, "A dead destination looks complete")."""
-    gone = MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover (a swap-in that fails, "
-                        "e.g. one that waited longer than the device's timeout, kills the guest)")
     if exited(pid):
-        raise gone
+        raise _destination_gone(pid)
     try:
         qmp.status()
     except VmError as exc:
         # A QEMU that is exiting drops its QMP connection a moment before its process is gone: wait for
         # that, so that the failure is reported (and handled: the device goes down) as the exit it is.
-        wait_gone(pid, QMP_LOSS_EXIT_WAIT)
-        if exited(pid):
-            raise gone from None
+        if wait_gone(pid, QMP_LOSS_EXIT_WAIT):
+            raise _destination_gone(pid) from None
         raise MigrateError(f"the destination QEMU (pid {pid}) no longer answers QMP after the switchover "
                            f"({exc})") from None
+
+
+def _destination_gone(pid: int) -> MigrateError:
+    return MigrateError(f"the destination QEMU (pid {pid}) exited after the switchover (a swap-in that fails, "
+                        "e.g. one that waited longer than the device's timeout, kills the guest)")
 
 
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,

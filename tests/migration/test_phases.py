@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from nbd_postcopy.common.qmp import VmError
+from nbd_postcopy.migration import destination as destination_module
 from nbd_postcopy.migration import migrate as migrate_module
+from nbd_postcopy.migration.destination import check_destination_alive
 from nbd_postcopy.migration.migrate import (
     FAILURE_POLICY,
     FINAL,
@@ -175,3 +178,26 @@ def test_a_channel_lost_while_announcing_local_costs_only_the_release_confirmati
     receiver.channel = LostChannel()
     assert receiver._announce_local() is False
     assert "did not confirm the source's release" in out.getvalue()
+
+
+class _LostQmp:
+    def status(self):
+        raise VmError("query-status failed: Disconnected")
+
+
+@pytest.mark.parametrize("exits", [True, False], ids=["exits", "stays"])
+def test_a_destination_whose_qmp_drops_is_waited_for_and_reported_as_what_it_is(monkeypatch, exits):
+    """QEMU drops its QMP connection a moment before its process is gone: check_destination_alive waits
+    for the exit and reports it as one (so the drivers take the device down); a QEMU still there after
+    the wait is reported as no longer answering QMP."""
+    clock = {"checks": 0}
+
+    def exited(pid):
+        clock["checks"] += 1
+        return exits and clock["checks"] > 2  # alive at first, gone a few looks later
+
+    monkeypatch.setattr(destination_module, "exited", exited)
+    monkeypatch.setattr(destination_module, "QMP_LOSS_EXIT_WAIT", 0.3)
+    expected = "exited after the switchover" if exits else "no longer answers QMP after the switchover"
+    with pytest.raises(MigrateError, match=f"destination QEMU \\(pid 200\\) {expected}"):
+        check_destination_alive(_LostQmp(), 200)
