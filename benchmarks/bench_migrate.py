@@ -19,7 +19,12 @@ the first seconds after the guest resumed. Results go to benchmarks/results/migr
 and (with matplotlib) migrate.png: the heartbeat gaps over time around the switchover for each method,
 and the total time per size.
 
-    .venv/bin/python benchmarks/bench_migrate.py [--sizes 256,1024,4096] [--workloads idle,write]
+    .venv/bin/python benchmarks/bench_migrate.py [--sizes 256,1024,4096] [--workloads idle,write] [--repeat N]
+
+With --repeat N every method migrates each size and workload N times, the methods taking turns (their
+order rotates from one repetition to the next), and the ratios compare medians: on a noisy machine one
+migration per method can land anywhere in a wide spread (QEMU's own 1 GiB postcopy has taken 1.3 s in
+one run and 5.6 s in another here).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import fcntl
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +53,7 @@ from tests.swapdev import remove_run_dir  # noqa: E402
 SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 
 COLUMNS = [
-    "method", "guest MiB", "workload", "downtime ms", "switchover to resume ms", "total ms",
+    "method", "guest MiB", "workload", "run", "downtime ms", "switchover to resume ms", "total ms",
     "largest stall ms", "bytes moved MiB", "guest verified",
 ]
 
@@ -66,10 +72,21 @@ class Row:
     gaps: list[tuple[float, float]] = field(default_factory=list)  # (seconds after the switchover, gap ms)
     probe: ProbeResult | None = None  # nbd-postcopy only
     fetched_pages: int = 0  # nbd-postcopy only: demand + prefetch
+    run: int = 1  # which repetition (--repeat)
 
     def cells(self) -> list[str | int | float]:
-        return [self.method, self.size_mib, self.workload, self.downtime_ms, self.resume_ms, self.total_ms,
-                self.stall_ms, self.moved_mib, self.verified]
+        return [self.method, self.size_mib, self.workload, self.run, self.downtime_ms, self.resume_ms,
+                self.total_ms, self.stall_ms, self.moved_mib, self.verified]
+
+
+def medians(runs: list[Row], size: int, workload: str, method: str) -> tuple[float, float, int] | None:
+    """Median total and largest stall (ms) of a method's successful runs of one size and workload, and
+    how many there were; None if none succeeded."""
+    done = [r for r in runs if (r.size_mib, r.workload, r.method) == (size, workload, method)
+            and not r.verified.startswith("FAILED")]
+    if not done:
+        return None
+    return statistics.median(r.total_ms for r in done), statistics.median(r.stall_ms for r in done), len(done)
 
 
 def _guest_args(workload: str) -> str:
@@ -145,25 +162,26 @@ METHODS = {
 
 
 def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
-    """Per size and workload: nbd-postcopy against QEMU postcopy (and preempt), with issue 12's targets."""
+    """Per size and workload: nbd-postcopy against QEMU postcopy (and preempt), with issue 12's targets;
+    with several runs per method, their medians."""
     rows = []
-    by_key = {(r.size_mib, r.workload, r.method): r for r in runs if not r.verified.startswith("FAILED")}
     for size, workload in dict.fromkeys((r.size_mib, r.workload) for r in runs):
-        ours, qemu, preempt = (by_key.get((size, workload, m))
+        ours, qemu, preempt = (medians(runs, size, workload, m)
                                for m in ("nbd-postcopy", "qemu postcopy", "qemu postcopy+preempt"))
-        if ours is None or qemu is None:  # a failed run: show what there is
-            rows.append([size, workload, "n/a" if ours is None else ours.total_ms,
-                         "n/a" if qemu is None else qemu.total_ms, "n/a", "n/a (a run failed)",
-                         "n/a" if ours is None else ours.stall_ms, "n/a" if qemu is None else qemu.stall_ms,
-                         "n/a" if preempt is None else preempt.stall_ms, "n/a (a run failed)"])
+        count = " / ".join("0" if m is None else str(m[2]) for m in (ours, qemu, preempt))
+        if ours is None or qemu is None:  # every run of a method failed: show what there is
+            rows.append([size, workload, count, "n/a" if ours is None else ours[0],
+                         "n/a" if qemu is None else qemu[0], "n/a", "n/a (a method failed)",
+                         "n/a" if ours is None else ours[1], "n/a" if qemu is None else qemu[1],
+                         "n/a" if preempt is None else preempt[1], "n/a (a method failed)"])
             continue
-        total = ours.total_ms / qemu.total_ms
-        stall_vs_qemu = ours.stall_ms / qemu.stall_ms
-        stall_vs_preempt = "n/a" if preempt is None else ours.stall_ms / preempt.stall_ms
+        total = ours[0] / qemu[0]
+        stall_vs_qemu = ours[1] / qemu[1]
+        stall_vs_preempt = "n/a" if preempt is None else ours[1] / preempt[1]
         rows.append([
-            size, workload, ours.total_ms, qemu.total_ms, total,
+            size, workload, count, ours[0], qemu[0], total,
             f"{met(total, 1.5)} (<= 1.5x); moonshot {met(total, 1.0)} (<= 1.0x)",
-            ours.stall_ms, qemu.stall_ms, "n/a" if preempt is None else preempt.stall_ms,
+            ours[1], qemu[1], "n/a" if preempt is None else preempt[1],
             f"{met(stall_vs_qemu, 1.0)} (<= qemu postcopy, {stall_vs_qemu:.2f}x); moonshot "
             + ("n/a" if preempt is None else f"{met(stall_vs_preempt, 1.0)} (<= preempt, {stall_vs_preempt:.2f}x)"),
         ])  # fmt: skip
@@ -171,11 +189,11 @@ def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
 
 
 RATIO_COLUMNS = [
-    "guest MiB", "workload", "nbd-postcopy total ms", "qemu postcopy total ms", "total ratio", "total target",
+    "guest MiB", "workload", "runs (ours / qemu / preempt)", "nbd-postcopy total ms", "qemu postcopy total ms", "total ratio", "total target",
     "nbd-postcopy stall ms", "qemu postcopy stall ms", "qemu preempt stall ms", "stall target",
 ]
 PROBE_COLUMNS = [
-    "guest MiB", "workload", "pages fetched", "GiB fetched", "nbdkit+plugin CPU s", "serve CPU s",
+    "guest MiB", "workload", "run", "pages fetched", "GiB fetched", "nbdkit+plugin CPU s", "serve CPU s",
     "CPU s per GiB (nbdkit+serve)", "nbdfuse CPU s", f"window s (<= {WINDOW:g})",
     "demand pages", "prefetched pages", "demand share of fetched", "pages swapped in (pswpin)",
     "demand share of swapped in", "dst QEMU major faults", "demand pages at 0.5/1/1.5/2 s",
@@ -191,7 +209,7 @@ def probe_rows(runs: list[Row]) -> list[list[str | int | float]]:
         gib = run.fetched_pages * 4096 / 2**30
         cpu = run.probe.fetch_cpu()
         early = run.probe.early_faults()
-        row: list[str | int | float] = [run.size_mib, run.workload, run.fetched_pages, gib]
+        row: list[str | int | float] = [run.size_mib, run.workload, run.run, run.fetched_pages, gib]
         if cpu is None:
             row += ["n/a"] * 4
         else:
@@ -228,10 +246,13 @@ def plot(runs: list[Row], path: Path) -> Path | None:
     panels = list(axes.flat)
     colours = {method: f"C{i}" for i, method in enumerate(METHODS)}
     for axis, (size, workload) in zip(panels, keys):
+        labelled = set()
         for run in runs:
             if (run.size_mib, run.workload) == (size, workload) and run.gaps:
                 times, gaps = zip(*run.gaps)
-                axis.step(times, gaps, where="pre", linewidth=1, color=colours[run.method], label=run.method)
+                axis.step(times, gaps, where="pre", linewidth=1, color=colours[run.method], alpha=0.8,
+                          label=None if run.method in labelled else run.method)
+                labelled.add(run.method)
         axis.set_title(f"{size} MiB, {workload}: gaps between guest heartbeats")
         axis.set_xlabel("seconds after the source stopped")
         axis.set_ylabel("heartbeat gap (ms)")
@@ -241,8 +262,8 @@ def plot(runs: list[Row], path: Path) -> Path | None:
     sizes = sorted({r.size_mib for r in runs})
     for method in METHODS:
         for workload, style in zip(workloads, ("-", "--")):
-            points = sorted((r.size_mib, r.total_ms / 1000) for r in runs
-                            if r.method == method and r.workload == workload and isinstance(r.total_ms, float | int))
+            points = [(size, m[0] / 1000) for size in sizes
+                      if (m := medians(runs, size, workload, method)) is not None]
             if points:
                 axis.plot(*zip(*points), style, marker="o", color=colours[method], label=f"{method}, {workload}")
     axis.set_xscale("log", base=2)
@@ -250,7 +271,7 @@ def plot(runs: list[Row], path: Path) -> Path | None:
     axis.minorticks_off()
     axis.set_xlabel("guest MiB")
     axis.set_ylabel("total time (s)")
-    axis.set_title("total time (nbd-postcopy: to source release)")
+    axis.set_title("total time, median of the runs (nbd-postcopy: to source release)")
     axis.legend(fontsize="small")
     for axis in panels[len(keys) + 1:]:
         axis.set_visible(False)
@@ -260,33 +281,43 @@ def plot(runs: list[Row], path: Path) -> Path | None:
     return path
 
 
+def run_one(method: str, image: GuestImage, size: int, workload: str, repetition: int, settle: float) -> Row:
+    run_dir = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/tmp"))
+    try:
+        result = METHODS[method](image, size, workload, run_dir, settle)
+    except Exception as exc:  # one failed method must not lose the other rows
+        result = Row(method, size, workload, *["n/a"] * (len(COLUMNS) - 5), f"FAILED: {exc}")
+    finally:
+        remove_run_dir(run_dir)  # (and any device a failed run left attached)
+    result.run = repetition
+    print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.1f}" for c in result.cells()), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256", help="guest sizes in MiB, comma-separated (e.g. 256,1024,4096)")
     parser.add_argument("--workloads", default="idle,write", help="idle, write or both, comma-separated")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds the migrated guest runs before judging")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="migrations per method, size and workload (methods take turns; ratios use medians)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     workloads = args.workloads.split(",")
     if unknown := set(workloads) - {"idle", "write"}:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))} (want idle, write)")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     image = prepare_guest()
     runs: list[Row] = []
     for size in sizes:
         for workload in workloads:
-            for method, run in METHODS.items():
-                run_dir = Path(tempfile.mkdtemp(prefix="nbdpc-bench-", dir="/tmp"))
-                try:
-                    result = run(image, size, workload, run_dir, args.settle)
-                except Exception as exc:  # one failed method must not lose the other rows
-                    result = Row(method, size, workload, *["n/a"] * (len(COLUMNS) - 4), f"FAILED: {exc}")
-                finally:
-                    remove_run_dir(run_dir)  # (and any device a failed run left attached)
-                row = result.cells()
-                print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.1f}" for c in row), flush=True)
-                runs.append(result)
+            for repetition in range(args.repeat):
+                turn = repetition % len(METHODS)
+                for method in [*METHODS][turn:] + [*METHODS][:turn]:
+                    runs.append(run_one(method, image, size, workload, repetition + 1, args.settle))
 
     table = Table("Migration of the checker guest", COLUMNS, [r.cells() for r in runs])
     ratios = Table("Against issue 12's targets", RATIO_COLUMNS, ratio_rows(runs))

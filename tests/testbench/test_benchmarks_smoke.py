@@ -42,8 +42,8 @@ def test_bench_migrate_smoke(run_dir: Path):
     table = (run_dir / "migrate.md").read_text()
     assert "FAILED" not in table, table
     for method in ("qemu postcopy", "qemu postcopy+preempt", "nbd-postcopy"):
-        assert f"| {method} | 128 | idle |" in table
-    assert "### Against issue 12's targets" in table and "| 128 | idle | " in table.split("issue 12's targets")[1]
+        assert f"| {method} | 128 | idle | 1 |" in table
+    assert "### Against issue 12's targets" in table and "| 128 | idle | 1 / 1 / 1 |" in table.split("issue 12's targets")[1]
     assert "CPU s per GiB (nbdkit+serve)" in table
     assert (run_dir / "migrate.png").exists()
 
@@ -96,3 +96,23 @@ def test_bench_restore_smoke(run_dir: Path):
                    "nbd-postcopy restore, replay of"):
         assert f"| {method}" in table
     assert (run_dir / "restore.csv").exists()
+
+
+def test_bench_migrate_compares_medians_of_repeated_runs():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_migrate
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def row(method: str, total: float, stall: float, verified: str = "yes"):
+        return bench_migrate.Row(method, 256, "idle", 1.0, 1.0, total, stall, 1.0, verified)
+
+    runs = [row("nbd-postcopy", 700, 300), row("nbd-postcopy", 900, 250), row("nbd-postcopy", 600, 280),
+            row("qemu postcopy", 400, 100), row("qemu postcopy", 500, 200),
+            row("qemu postcopy", 9000, 9000, "FAILED: a crash")]
+    assert bench_migrate.medians(runs, 256, "idle", "nbd-postcopy") == (700, 280, 3)
+    assert bench_migrate.medians(runs, 256, "idle", "qemu postcopy") == (450, 150, 2)  # the failed run left out
+    [ratios] = bench_migrate.ratio_rows(runs)
+    assert ratios[:6] == [256, "idle", "3 / 2 / 0", 700, 450, 700 / 450]
+    assert ratios[7:10] == [280, 150, "n/a"]
