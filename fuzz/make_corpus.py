@@ -12,21 +12,21 @@ import struct
 from pathlib import Path
 
 from nbd_postcopy.nbd import wire
+from nbd_postcopy.nbd.client_core import ClientConnection
 from nbd_postcopy.nbd.protocol import (
     NEED_DATA,
     BlockStatusReply,
     BlockStatusRequest,
     CacheReply,
     CacheRequest,
-    ClientConnection,
     ErrorReply,
     ReadReply,
     ReadRequest,
     Ready,
-    ServerConnection,
     StartTLS,
     TLSEstablished,
 )
+from nbd_postcopy.nbd.server_core import ServerConnection
 from nbd_postcopy.nbd.wire import REQUEST, Command, Info, Option
 
 from fuzz.targets import _DEVICE_PAGES, EXPORTS, FRAMED, IMAGE, PAGE, frame, issue_requests

@@ -38,7 +38,10 @@ def _worker(target: str, libfuzzer_args: list[str]) -> None:
     with atheris.instrument_imports(include=["nbd_postcopy"]):
         import nbd_postcopy.device.control  # noqa: F401  (instrumented before the targets use them)
         import nbd_postcopy.device.device  # noqa: F401
+        import nbd_postcopy.nbd.client_core  # noqa: F401
         import nbd_postcopy.nbd.protocol  # noqa: F401
+        import nbd_postcopy.nbd.server_core  # noqa: F401
+        import nbd_postcopy.nbd.zeros  # noqa: F401
     from fuzz.targets import TARGETS
 
     atheris.Setup([sys.argv[0], *libfuzzer_args], TARGETS[target])
@@ -108,8 +111,8 @@ def line_coverage(target: str, files: list[str], modules: tuple[str, ...]) -> di
 
 
 COVERED_MODULES = {
-    "nbd_server": ("nbd_postcopy.nbd.protocol",),
-    "nbd_client": ("nbd_postcopy.nbd.protocol",),
+    "nbd_server": ("nbd_postcopy.nbd.protocol", "nbd_postcopy.nbd.server_core", "nbd_postcopy.nbd.zeros"),
+    "nbd_client": ("nbd_postcopy.nbd.protocol", "nbd_postcopy.nbd.client_core"),
     "device": ("nbd_postcopy.device.device",),
     "control": ("nbd_postcopy.device.control",),
 }

@@ -24,6 +24,7 @@ import struct
 import tempfile
 
 from nbd_postcopy.nbd import wire
+from nbd_postcopy.nbd.client_core import ClientConnection
 from nbd_postcopy.nbd.protocol import (
     NEED_DATA,
     BlockStatusDone,
@@ -32,7 +33,6 @@ from nbd_postcopy.nbd.protocol import (
     CacheDone,
     CacheReply,
     CacheRequest,
-    ClientConnection,
     ConnectionClosed,
     Disconnect,
     ErrorReply,
@@ -43,12 +43,12 @@ from nbd_postcopy.nbd.protocol import (
     ReadRequest,
     Ready,
     RequestFailed,
-    ServerConnection,
     StartTLS,
     State,
     TLSEstablished,
     TransmissionStarted,
 )
+from nbd_postcopy.nbd.server_core import ServerConnection
 from nbd_postcopy.nbd.wire import CHUNK_HEADER, REQUEST, SIMPLE_REPLY, ChunkType, Command, Info, Option, Reply
 
 PAGE = 4096

@@ -25,14 +25,14 @@ def test_corpus_passes(target):
 
 def test_targets_find_planted_faults(monkeypatch):
     """The invariant checks bite: a server core that answers a handle it never received is caught."""
-    from nbd_postcopy.nbd import protocol
+    from nbd_postcopy.nbd import server_core
 
-    real = protocol.ServerConnection._reject
+    real = server_core.ServerConnection._reject
 
     def wrong_handle(self, handle, error, message):
         real(self, handle ^ 0x5A5A, error, message)
 
-    monkeypatch.setattr(protocol.ServerConnection, "_reject", wrong_handle)
+    monkeypatch.setattr(server_core.ServerConnection, "_reject", wrong_handle)
     with pytest.raises(AssertionError, match="no unanswered request carries"):
         for seed in sorted((CORPUS / "nbd_server").iterdir()):
             TARGETS["nbd_server"](seed.read_bytes())

@@ -38,7 +38,7 @@ from typing import NamedTuple, Protocol
 from ..common.units import PAGE_SIZE
 from . import swapheader
 from ..common.linux import FileView, punch_hole
-from ..nbd.protocol import zero_runs
+from ..nbd.zeros import zero_runs
 from .markers import HEADER_SIZE, MarkerCodec, looks_like_marker
 from .metrics import DeviceMetrics
 

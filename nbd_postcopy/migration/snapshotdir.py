@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.units import PAGE_SIZE
-from ..nbd.protocol import zero_runs
+from ..nbd.zeros import zero_runs
 
 FORMAT = "nbd-postcopy-snapshot"
 VERSION = 1

@@ -1,1 +1,2 @@
-"""The NBD library: wire structures, the sans-I/O protocol core, NBD URIs, and the client."""
+"""The NBD library: wire structures, the sans-I/O protocol core (shared part, server, client), zero-page
+runs, NBD URIs, and the client."""

@@ -26,11 +26,11 @@ import threading
 import time
 from typing import Callable
 
+from .client_core import ClientConnection
 from .protocol import (
     NEED_DATA,
     BlockStatusDone,
     CacheDone,
-    ClientConnection,
     ConnectionClosed,
     ProtocolError,
     ReadDone,

@@ -34,12 +34,12 @@ from ..nbd.protocol import (
     ProtocolError,
     ReadReply,
     ReadRequest,
-    ServerConnection,
     StartTLS,
     State,
     TLSEstablished,
     TransmissionStarted,
 )
+from ..nbd.server_core import ServerConnection
 from .shaping import set_socket_role
 from .sources import Source
 from ..nbd.wire import REQUEST, Errno

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..common.linux import FileView
-from ..nbd.protocol import zero_runs
+from ..nbd.zeros import zero_runs
 from ..nbd.wire import StateFlag
 
 ZERO_STATE = int(StateFlag.HOLE | StateFlag.ZERO)

@@ -25,7 +25,9 @@ from nbd_postcopy.nbd.client import (
     SourceUnavailable,
     _Request,
 )
-from nbd_postcopy.nbd.protocol import NEED_DATA, ClientConnection, ErrorReply, ExportInfo, ReadReply, ServerConnection
+from nbd_postcopy.nbd.client_core import ClientConnection
+from nbd_postcopy.nbd.protocol import NEED_DATA, ErrorReply, ExportInfo, ReadReply
+from nbd_postcopy.nbd.server_core import ServerConnection
 from nbd_postcopy.nbd.wire import Command, Errno
 from nbd_postcopy.source.sources import MAX_SCAN_DATA
 

@@ -1,4 +1,6 @@
-"""The sans-I/O protocol core driven with no sockets: handshakes, transmission, errors, both roles."""
+"""The sans-I/O protocol core driven with no sockets: handshakes, transmission, errors, both roles.
+
+Covers nbd/protocol.py, server_core.py, client_core.py and zeros.py (zero_runs)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import random
 import pytest
 
 from nbd_postcopy.nbd import wire
+from nbd_postcopy.nbd.client_core import ClientConnection
 from nbd_postcopy.nbd.protocol import (
     MAX_BLOCK,
     NEED_DATA,
@@ -17,7 +20,6 @@ from nbd_postcopy.nbd.protocol import (
     CacheDone,
     CacheReply,
     CacheRequest,
-    ClientConnection,
     ConnectionClosed,
     Disconnect,
     ErrorReply,
@@ -29,15 +31,15 @@ from nbd_postcopy.nbd.protocol import (
     Ready,
     RemoteProtocolError,
     RequestFailed,
-    ServerConnection,
     StartTLS,
     State,
     TLSEstablished,
     TransmissionStarted,
     check_instance_id,
-    zero_runs,
 )
+from nbd_postcopy.nbd.server_core import ServerConnection
 from nbd_postcopy.nbd.wire import ChunkType, Command, CommandFlag, Errno, Info, Option, Reply
+from nbd_postcopy.nbd.zeros import zero_runs
 
 SIZE = 1 << 20
 EXPORT = ExportInfo("ram", SIZE, description="test ram")

@@ -96,7 +96,7 @@ def test_truncated_input_is_rejected():
 
 
 def test_unknown_enum_value_parses_as_plain_int():
-    """Why protocol.py validates command types itself."""
+    """Why server_core.py validates command types itself."""
     raw = wire.REQUEST.pack(wire.REQUEST_MAGIC, 0, 99, 1, 0, 1)
     parsed = wire.Request.parse(raw)
     assert parsed.type == 99 and not hasattr(parsed.type, "name")

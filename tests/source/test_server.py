@@ -28,15 +28,8 @@ from nbd_postcopy.nbd.client import SourceClient, SourceUnavailable
 from nbd_postcopy.source import gate as gate_module
 from nbd_postcopy.source.gate import Gate, watch_qmp
 from nbd_postcopy.source.metrics import ServerMetrics
-from nbd_postcopy.nbd.protocol import (
-    MAX_BLOCK,
-    NEED_DATA,
-    BlockStatusDone,
-    CacheDone,
-    ClientConnection,
-    ReadDone,
-    Ready,
-)
+from nbd_postcopy.nbd.client_core import ClientConnection
+from nbd_postcopy.nbd.protocol import MAX_BLOCK, NEED_DATA, BlockStatusDone, CacheDone, ReadDone, Ready
 from nbd_postcopy.source.server import PageServer, _NbdConnection
 from nbd_postcopy.common.units import parse_listen, parse_size
 from nbd_postcopy.source.sources import MAX_SCAN_DATA, FileSource, ProcessSource, SourceOpenError
