@@ -47,13 +47,19 @@ from .protocol import (
 )
 from .wire import (
     BASE_ALLOCATION,
+    CHUNK_DATA,
+    CHUNK_DONE,
     CHUNK_HEADER,
+    CHUNK_HOLE,
+    CMD_READ,
     MAX_STRING,
     OFFSET_DATA_HEADER,
     REQUEST,
+    REQUEST_MAGIC,
     SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
     U32,
-    ChunkFlag,
     ChunkType,
     ClientFlag,
     Command,
@@ -63,12 +69,6 @@ from .wire import (
     Option,
     Reply,
 )
-
-# Plain ints for the per-request path (enum member lookups and flag arithmetic cost microseconds there).
-_REQUEST_MAGIC, _SIMPLE_MAGIC, _CHUNK_MAGIC = wire.REQUEST_MAGIC, wire.SIMPLE_REPLY_MAGIC, wire.STRUCTURED_REPLY_MAGIC
-_READ = int(Command.READ)
-_DONE = int(ChunkFlag.DONE)
-_DATA, _HOLE = int(ChunkType.OFFSET_DATA), int(ChunkType.OFFSET_HOLE)
 
 
 @dataclass(slots=True)
@@ -306,11 +306,11 @@ class ClientConnection(Connection):
         handle = self._next_handle
         self._next_handle = handle + 1 if handle < U64_MAX else 1
         self._inflight[handle] = _InFlight(command, offset, length)
-        return handle, REQUEST.pack(_REQUEST_MAGIC, flags, command, handle, offset, length)
+        return handle, REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
 
     def read(self, offset: int, length: int) -> tuple[int, bytes]:
         check_range(offset, length, self.ready.max_block if self.ready else MAX_BLOCK)
-        return self._request(ReadRequest, _READ, offset, length)
+        return self._request(ReadRequest, CMD_READ, offset, length)
 
     def block_status(self, offset: int, length: int, one_extent: bool = False) -> tuple[int, bytes]:
         check_range(offset, length)
@@ -381,8 +381,8 @@ class ClientConnection(Connection):
                 return None
             magic, flags, kind, handle, length, offset = OFFSET_DATA_HEADER.unpack_from(data, pos)
             request = self._inflight.get(handle)
-            if (magic != _CHUNK_MAGIC or kind != _DATA or not flags & _DONE or request is None
-                    or request.command != _READ or request.buffer is not None or request.error is not None
+            if (magic != STRUCTURED_REPLY_MAGIC or kind != CHUNK_DATA or not flags & CHUNK_DONE or request is None
+                    or request.command != CMD_READ or request.buffer is not None or request.error is not None
                     or length != request.length + 8 or offset != request.offset):
                 return None
             return handle, pos + OFFSET_DATA_HEADER.size, pos + CHUNK_HEADER.size + length
@@ -390,7 +390,7 @@ class ClientConnection(Connection):
             return None
         magic, error, handle = SIMPLE_REPLY.unpack_from(data, pos)
         request = self._inflight.get(handle)
-        if magic != _SIMPLE_MAGIC or error or request is None or request.command != _READ:
+        if magic != SIMPLE_REPLY_MAGIC or error or request is None or request.command != CMD_READ:
             return None
         return handle, pos + SIMPLE_REPLY.size, pos + SIMPLE_REPLY.size + request.length
 
@@ -432,8 +432,8 @@ class ClientConnection(Connection):
             raise RemoteProtocolError(f"structured reply chunk of {length} bytes is too big")
         if len(self._buf) < length:
             return self._end_of_input()
-        if (chunk_type == _DATA and flags & _DONE and request.buffer is None and request.error is None
-                and request.command == _READ
+        if (chunk_type == CHUNK_DATA and flags & CHUNK_DONE and request.buffer is None and request.error is None
+                and request.command == CMD_READ
                 and length == request.length + 8 and wire.U64.unpack_from(self._buf)[0] == request.offset):
             # The common reply: the whole read in one chunk. Take it without assembling.
             data = bytes(self._buf[8:length])
@@ -448,12 +448,12 @@ class ClientConnection(Connection):
             payload.release()
         del self._buf[:length]
         self._chunk = None
-        if not flags & _DONE:
+        if not flags & CHUNK_DONE:
             return None
         del self._inflight[handle]
         if request.error is not None:
             return RequestFailed(handle, *request.error)
-        if request.command == _READ:
+        if request.command == CMD_READ:
             if request.received != request.length:
                 raise RemoteProtocolError(
                     f"READ {request.offset}+{request.length} finished with {request.received} bytes covered")
@@ -465,10 +465,10 @@ class ClientConnection(Connection):
         return CacheDone(handle)
 
     def _apply_chunk(self, request: _InFlight, chunk_type: int, payload: memoryview) -> None:
-        if chunk_type == _DATA or chunk_type == _HOLE:
-            if request.command != _READ:
+        if chunk_type == CHUNK_DATA or chunk_type == CHUNK_HOLE:
+            if request.command != CMD_READ:
                 raise RemoteProtocolError("data chunk in the reply to a request that is not a READ")
-            if chunk_type == _DATA:
+            if chunk_type == CHUNK_DATA:
                 if len(payload) < 9:
                     raise RemoteProtocolError("OFFSET_DATA chunk too short")
                 start, size = wire.U64.unpack_from(payload)[0], len(payload) - 8
@@ -481,7 +481,7 @@ class ClientConnection(Connection):
                 raise RemoteProtocolError(f"chunk {start}+{size} lies outside READ {request.offset}+{request.length}")
             if request.buffer is None:
                 request.buffer = bytearray(request.length)
-            if chunk_type == _DATA:
+            if chunk_type == CHUNK_DATA:
                 request.buffer[rel : rel + size] = payload[8:]
             request.received += size
         elif chunk_type == ChunkType.BLOCK_STATUS:

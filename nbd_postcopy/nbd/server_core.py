@@ -42,12 +42,20 @@ from .protocol import (
 )
 from .wire import (
     BASE_ALLOCATION,
+    CHUNK_DATA,
+    CHUNK_DONE,
     CHUNK_HEADER,
+    CHUNK_HOLE,
+    CHUNK_NONE,
+    CMD_READ,
     MAX_STRING,
     OFFSET_DATA_HEADER,
     OFFSET_HOLE,
     REQUEST,
+    REQUEST_MAGIC,
     SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
     U32,
     ChunkFlag,
     ChunkType,
@@ -60,12 +68,6 @@ from .wire import (
     Reply,
 )
 from .zeros import zero_runs
-
-# Plain ints for the per-request path (enum member lookups and flag arithmetic cost microseconds there).
-_REQUEST_MAGIC, _SIMPLE_MAGIC, _CHUNK_MAGIC = wire.REQUEST_MAGIC, wire.SIMPLE_REPLY_MAGIC, wire.STRUCTURED_REPLY_MAGIC
-_READ = int(Command.READ)
-_DONE = int(ChunkFlag.DONE)
-_DATA, _HOLE, _NONE = int(ChunkType.OFFSET_DATA), int(ChunkType.OFFSET_HOLE), int(ChunkType.NONE)
 
 
 def _option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
@@ -306,9 +308,9 @@ class ServerConnection(Connection):
             return self._end_of_input()
         magic, flags, command, handle, offset, length = REQUEST.unpack_from(buf)
         del buf[:28]
-        if magic != _REQUEST_MAGIC:
+        if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
-        if command == _READ:
+        if command == CMD_READ:
             if self._check_request(handle, offset, length, self.export.max_block):
                 self._pending[handle] = (command, offset, length, flags)
                 return ReadRequest(handle, offset, length, flags)
@@ -406,7 +408,7 @@ class ServerConnection(Connection):
             return None
         magic, flags, command, handle, offset, length = REQUEST.unpack_from(data, pos)
         export = self.export
-        if (magic != _REQUEST_MAGIC or command != _READ or flags or handle in self._pending
+        if (magic != REQUEST_MAGIC or command != CMD_READ or flags or handle in self._pending
                 or not 0 < length <= export.max_block or offset + length > export.size):
             return None
         return handle, offset, length
@@ -417,21 +419,25 @@ class ServerConnection(Connection):
 
     def _read_reply(self, handle: int, offset: int, data) -> list:
         if not self.structured_replies:
-            return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, handle), data]
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
         runs = zero_runs(data)
         if len(runs) == 1:  # the common case: one chunk that carries the DONE flag itself
             if runs[0][2]:
-                return [OFFSET_HOLE.pack(_CHUNK_MAGIC, _DONE, _HOLE, handle, 12, offset, len(data))]
-            return [OFFSET_DATA_HEADER.pack(_CHUNK_MAGIC, _DONE, _DATA, handle, 8 + len(data), offset), data]
+                return [OFFSET_HOLE.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_HOLE, handle, 12, offset,
+                                         len(data))]
+            return [OFFSET_DATA_HEADER.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_DATA, handle, 8 + len(data),
+                                            offset), data]
         view = memoryview(data).cast("B")
         parts = []
         for start, end, zero in runs:
             if zero:
-                parts.append(OFFSET_HOLE.pack(_CHUNK_MAGIC, 0, _HOLE, handle, 12, offset + start, end - start))
+                parts.append(OFFSET_HOLE.pack(STRUCTURED_REPLY_MAGIC, 0, CHUNK_HOLE, handle, 12, offset + start,
+                                              end - start))
             else:
-                parts.append(OFFSET_DATA_HEADER.pack(_CHUNK_MAGIC, 0, _DATA, handle, 8 + end - start, offset + start))
+                parts.append(OFFSET_DATA_HEADER.pack(STRUCTURED_REPLY_MAGIC, 0, CHUNK_DATA, handle, 8 + end - start,
+                                                     offset + start))
                 parts.append(view[start:end])
-        parts.append(CHUNK_HEADER.pack(_CHUNK_MAGIC, _DONE, _NONE, handle, 0))
+        parts.append(CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, handle, 0))
         return parts
 
     @staticmethod

@@ -165,6 +165,13 @@ class ChunkType(enum.IntEnum):
     ERROR_OFFSET = _ERROR_CHUNK | 2
 
 
+# Plain ints for the per-request paths of both cores (enum member lookups and flag arithmetic cost
+# microseconds there).
+CMD_READ = int(Command.READ)
+CHUNK_DONE = int(ChunkFlag.DONE)
+CHUNK_NONE, CHUNK_DATA, CHUNK_HOLE = int(ChunkType.NONE), int(ChunkType.OFFSET_DATA), int(ChunkType.OFFSET_HOLE)
+
+
 def chunk_is_error(chunk_type: int) -> bool:
     return bool(chunk_type & _ERROR_CHUNK)
 
