@@ -312,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
 
     image = prepare_guest()
     runs: list[Row] = []
+    methods = list(METHODS)
     for size in sizes:
         for workload in workloads:
             for repetition in range(args.repeat):
-                turn = repetition % len(METHODS)
-                for method in [*METHODS][turn:] + [*METHODS][:turn]:
+                turn = repetition % len(methods)  # who goes first rotates
+                for method in methods[turn:] + methods[:turn]:
                     runs.append(run_one(method, image, size, workload, repetition + 1, args.settle))
 
     table = Table("Migration of the checker guest", COLUMNS, [r.cells() for r in runs])
