@@ -63,6 +63,24 @@ def test_migrate_work_dir_that_is_a_file(run_dir):
     one_line_error(result, 1, f"--work-dir {afile} exists and is not a directory")
 
 
+@pytest.mark.parametrize("args, text", [
+    (["migrate", "--source-qmp", "a", "--destination-qmp", "b", "--prefetch-cpus", "4095"],
+     "argument --prefetch-cpus: CPU 4095 is not one this process may use"),
+    (["migrate", "--source-qmp", "a", "--destination-qmp", "b", "--prefetch-cpus", "most"],
+     "argument --prefetch-cpus: 'most' is not a CPU list (e.g. 1, or 0-3,6); or give auto or all"),
+    (["receive", "--qmp", "a", "--listen", "tcp:127.0.0.1:1", "--prefetch-cpus", "2-1"],
+     "argument --prefetch-cpus: '2-1': the range runs backwards"),
+])
+def test_prefetch_cpus_it_may_not_use_are_usage_errors(args, text):
+    one_line_error(run(*args), 2, text)
+
+
+def test_prefetch_cpus_with_to_says_where_it_goes():
+    result = run("migrate", "--source-qmp", "a", "--to", "tcp:127.0.0.1:1", "--prefetch-cpus", "0")
+    one_line_error(result, 1, "--prefetch-cpus goes with --destination-qmp; with --to, give it to "
+                              "`nbd-postcopy receive`, where the prefetcher runs")
+
+
 def test_restore_of_a_directory_that_is_no_snapshot_says_so_before_it_talks_to_qemu(run_dir):
     (run_dir / "empty").mkdir()
     result = subprocess.run([*CLI, "restore", str(run_dir / "empty"), "--qmp", str(run_dir / "x.qmp")],

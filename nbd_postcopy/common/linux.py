@@ -4,7 +4,7 @@ Syscalls (through ctypes): pidfd_open, process_madvise, process_vm_readv/writev,
 punching), an unlocked read-only file mapping (mmap, munlock, mprotect, mincore). Unix socket paths: removing
 a stale one before listening.
 /proc and /sys readers: maps, pagemap, kpageflags, kpagecgroup, swaps, vmstat, zswap, process liveness
-and VmLck, mounts, loop devices.
+and VmLck, mounts, loop devices. CPU lists and the calling thread's affinity.
 Every failure is an OSError whose message says which call on which process or file failed.
 """
 
@@ -606,3 +606,44 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+# --- CPU affinity -------------------------------------------------------------------------------------
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPUs in the kernel's list format ("1", "0-3,6"), as taskset -c and cpuset.cpus take them. The
+    CPUs must be ones this process may run on (so that a typo fails here, not as an empty affinity)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list (e.g. 1, or 0-3,6)")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{part.strip()!r}: the range runs backwards")
+        cpus.update(range(low, high + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"CPU {format_cpu_list(cpus - allowed)} is not one this process may use "
+                         f"({format_cpu_list(allowed)})")
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """The kernel's list format: {0, 1, 2, 5} -> "0-2,5"."""
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in _ranges(sorted(cpus)))
+
+
+def _ranges(values: list[int]) -> Iterator[tuple[int, int]]:
+    """Inclusive runs of consecutive values."""
+    for start, count in _runs(values):
+        yield start, start + count - 1
+
+
+def pin_this_thread(cpus: frozenset[int]) -> None:
+    """Run the calling thread (not the whole process) on `cpus` only."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise OSError(exc.errno, f"sched_setaffinity to CPUs {format_cpu_list(cpus)}: {exc.strerror}") from None

@@ -9,6 +9,7 @@ import stat
 import uuid as uuid_module
 from dataclasses import dataclass, field
 
+from ..common.linux import parse_cpu_list
 from ..common.units import PAGE_SIZE, parse_size
 from . import swapheader
 from .device import DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT
@@ -37,10 +38,14 @@ KEYS = {
     "replay": "file of guest page numbers (a recorded working set, one a line) to prefetch first after arming",
     "warm": "on|off: while staging, bring the page file's pages for the mapped slots into memory, so that the "
     "prefetcher's writes after arming do not pay for fresh memory (default on)",
+    "prefetch-cpus": "CPUs the prefetcher's thread runs on, in the kernel's list format (e.g. 1, or 2-3); default: "
+    "any that nbdkit may use. On a host with few CPUs, one CPU keeps the prefetcher from taking the guest's "
+    "(docs/DESIGN.md, \"Decisions\")",
 }
 REQUIRED = ("source", "key")
 
-HELP = "\n".join(f"{key + '=':<10} {text}" for key, text in KEYS.items())
+_KEY_WIDTH = max(len(key) for key in KEYS) + 1
+HELP = "\n".join(f"{key + '=':<{_KEY_WIDTH}} {text}" for key, text in KEYS.items())
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
@@ -66,6 +71,7 @@ class PluginConfig:
     uuid: uuid_module.UUID | None = None
     source_id: str | None = None
     replay: str | None = None
+    prefetch_cpus: frozenset[int] | None = None
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -120,6 +126,8 @@ class PluginConfig:
                 raise ValueError("must be a positive number of seconds")
         elif key == "prefetch":
             self.prefetch = _choice(value, on=True, off=False)
+        elif key == "prefetch-cpus":
+            self.prefetch_cpus = parse_cpu_list(value)
         elif key == "warm":
             self.warm = _choice(value, on=True, off=False)
         elif key == "armed":
@@ -149,6 +157,8 @@ class PluginConfig:
             raise ConfigError(f"missing required key(s): {', '.join(missing)}")
         if self.replay and not self.prefetch:
             raise ConfigError("replay= needs the prefetcher, which prefetch=off turns off")
+        if self.prefetch_cpus and not self.prefetch:
+            raise ConfigError("prefetch-cpus= needs the prefetcher, which prefetch=off turns off")
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -135,7 +135,7 @@ def _start_services():
     if _config.prefetch:
         source = SourceClient(_config.source, name="prefetch", connect_timeout=connect_timeout, identity=identity,
                               role="prefetch")
-        _prefetcher = Prefetcher(_device, source, timeout=_config.timeout, replay=_replay)
+        _prefetcher = Prefetcher(_device, source, timeout=_config.timeout, replay=_replay, cpus=_config.prefetch_cpus)
         _services.append(_prefetcher)
         _prefetcher.start()
     if _config.control:

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from ..common.linux import format_cpu_list, pin_this_thread
 from ..common.units import PAGE_SIZE
 from .device import Device, DeviceIOError, PageSource, Run
 from .workingset import REPLAY_SPAN
@@ -111,8 +112,9 @@ class Prefetcher:
     after arming."""
 
     def __init__(self, device: Device, source: PageSource, *, timeout: float, learn_zeros: bool = True,
-                 replay: list[int] = ()):
+                 replay: list[int] = (), cpus: frozenset[int] | None = None):
         self.device = device
+        self.cpus = cpus  # the CPUs the thread runs on (prefetch-cpus=), or None for any
         self.replay = list(replay)  # guest pages to pull first (a recorded working set)
         self.replayed = 0  # of them, mapped when the device was armed
         self.replay_done = threading.Event()  # the working set is fetched (or there was none)
@@ -140,6 +142,12 @@ class Prefetcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self.cpus:
+            try:
+                pin_this_thread(self.cpus)
+                log.info("the prefetcher runs on CPU %s", format_cpu_list(self.cpus))
+            except OSError as exc:  # e.g. a cpuset changed since the key was checked: run anywhere
+                log.warning("prefetcher not pinned: %s", exc)
         self.device.armed_event.wait()
         if self._stop.is_set():
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, TextIO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..common.linux import format_cpu_list, parse_cpu_list
 from ..common.progress import Progress
 from ..common.qmp import Qmp, VmError
 from ..host import attachment
@@ -32,6 +34,39 @@ QMP_LOSS_EXIT_WAIT = 5.0  # seconds to wait for a QEMU whose QMP connection drop
 
 class MigrateError(Exception):
     """The migration failed or was refused; the message says at which step and what state remains."""
+
+
+PREFETCH_CPUS_HELP = (
+    "the CPUs the prefetch work runs on: the device's prefetcher thread, and on one host the page server too. "
+    "auto (the default): the last CPU this process may use, if it may use two or more, so that the guest's vCPUs and its "
+    "swap-ins keep the others; all: any CPU; or a list in the kernel's format (e.g. 3, or 2-3). Give migrations "
+    "and restores that run at the same time on one host different CPUs")
+
+
+def prefetch_cpus(choice: str = "auto") -> frozenset[int] | None:
+    """The CPU set that --prefetch-cpus `choice` names, or None for any CPU (docs/DESIGN.md, "Decisions":
+    on two CPUs, confining the prefetch work to one left the guest enough of the other)."""
+    if choice == "auto":
+        allowed = os.sched_getaffinity(0)
+        return frozenset({max(allowed)}) if len(allowed) >= 2 else None
+    if choice == "all":
+        return None
+    return parse_cpu_list(choice)
+
+
+def check_prefetch_cpus(choice: str) -> str:
+    """For argparse: `choice` if prefetch_cpus() takes it (else its ValueError)."""
+    if choice not in ("auto", "all"):
+        try:
+            parse_cpu_list(choice)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or give auto or all") from None
+    return choice
+
+
+def prefetch_cpus_key(cpus: frozenset[int] | None) -> list[str]:
+    """The plugin key for `cpus` (none for any CPU)."""
+    return [f"prefetch-cpus={format_cpu_list(cpus)}"] if cpus else []
 
 
 def connect(path: Path, role: str) -> Qmp:

@@ -45,7 +45,7 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
-from ..common.linux import free_port, terminate
+from ..common.linux import format_cpu_list, free_port, terminate
 from .destination import (  # (the tests import some of them from here)
     MigrateError,
     Narrator,
@@ -57,6 +57,8 @@ from .destination import (  # (the tests import some of them from here)
     detach_device,
     exited as _exited,
     fault_latency,
+    prefetch_cpus,
+    prefetch_cpus_key,
     wait_for_prefetch,
     wait_gone as _wait_gone,
     wait_migration_completed,
@@ -77,6 +79,7 @@ class MigrateOptions:
     work_dir: Path  # short private directory: sockets, the key, the device's state directory
     memdev: str = RAM_ID  # the memory backend holding guest RAM, on both sides
     release_source: bool = True  # quit the source QEMU once every page is local
+    prefetch_cpus: str = "auto"  # where the prefetcher and the page server run (destination.prefetch_cpus)
     quiet: bool = False
     stream: TextIO | None = None  # progress and step lines (default stderr)
 
@@ -256,6 +259,7 @@ class _Migration(PhasedDriver):
         self.swap_name = f"mig{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
         self.metrics_port = free_port()
+        self.prefetch_cpus: frozenset[int] | None = None
 
     def run(self) -> MigrationReport:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -278,6 +282,10 @@ class _Migration(PhasedDriver):
         src_pid, dst_pid = self.src_pid, self.dst_pid = source.peer_pid(), destination.peer_pid()
         src_ram, dst_ram = self._check(source, destination, src_pid, dst_pid)
         self.dst_ram = dst_ram
+        try:
+            self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
+        except ValueError as exc:
+            raise MigrateError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
         self._enter(Phase.SERVING)
         self._start_server(src_pid, src_ram)
         key = self.work / "key"
@@ -383,6 +391,8 @@ class _Migration(PhasedDriver):
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:
         argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *ram.serve_args(src_pid),
                 "--listen", f"unix:{self.socket}", "--gate", "closed"]
+        if self.prefetch_cpus:  # on one host the page server is prefetch work too
+            argv += ["--cpus", format_cpu_list(self.prefetch_cpus)]
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.file or 'through /proc/PID/mem'}) on {self.socket}, "
                  "gate closed")
         with open(self.server_log, "ab") as log_file:
@@ -401,7 +411,7 @@ class _Migration(PhasedDriver):
 
     def _attach(self, size: int, key: Path) -> None:
         keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
-                f"metrics=127.0.0.1:{self.metrics_port}"]
+                f"metrics=127.0.0.1:{self.metrics_port}", *prefetch_cpus_key(self.prefetch_cpus)]
         self.say(f"attaching the destination swap device ({self.swap_name})")
         self._attach_device(keys)
 

@@ -48,6 +48,8 @@ from .destination import (
     detach_device,
     exited,
     fault_latency,
+    prefetch_cpus,
+    prefetch_cpus_key,
     wait_for_prefetch,
     wait_gone,
 )
@@ -80,6 +82,7 @@ class ReceiveOptions:
     tls: ch.TlsFiles | None = None
     memdev: str = RAM_ID
     timeout: float | None = None  # the plugin's timeout=: how long a swap-in waits for an unreachable source
+    prefetch_cpus: str = "auto"  # where the prefetcher runs (destination.prefetch_cpus)
     quiet: bool = False
     stream: TextIO | None = None
 
@@ -225,6 +228,10 @@ class Receiver(StepDriver):
                 f"metrics=127.0.0.1:{self.metrics_port}"]
         if self.o.timeout is not None:
             keys.append(f"timeout={self.o.timeout:g}")
+        try:
+            keys += prefetch_cpus_key(prefetch_cpus(self.o.prefetch_cpus))
+        except ValueError as exc:
+            raise MigrateError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
         self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
         swap = attach_device(keys, self.swap_name, self.swap_state)
         self.control = Path(swap.state.control)

@@ -9,6 +9,7 @@ from ..common.command import CommandError, option_type
 from ..common.units import parse_number, parse_tcp_listen
 from .channel import ChannelError, TlsFiles
 from .cli import make_work_dir, release_work_dir
+from .destination import PREFETCH_CPUS_HELP, check_prefetch_cpus
 from .migrate import MigrateError
 from .ram import RAM_ID
 from .receive import ReceiveOptions, receive
@@ -50,6 +51,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=option_type(lambda text: parse_number(text, "seconds")), metavar="S",
                         help="seconds a swap-in waits for an unreachable source before it fails, which kills the "
                              "guest (the device's timeout=, default 60); keep it long in production")
+    parser.add_argument("--prefetch-cpus", type=option_type(check_prefetch_cpus), default="auto",
+                        metavar="auto|all|LIST", help=PREFETCH_CPUS_HELP)
     parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
                         help=f"id of the memory backend holding guest RAM (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     work_dir = make_work_dir(args.work_dir, "nbdpc-rcv-")
     options = ReceiveOptions(args.qmp, args.listen.host, args.listen.port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
-                             timeout=args.timeout)
+                             timeout=args.timeout, prefetch_cpus=args.prefetch_cpus)
     try:
         report = receive(options)
     except (MigrateError, ChannelError) as exc:

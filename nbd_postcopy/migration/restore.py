@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..common.linux import free_port
+from ..common.linux import format_cpu_list, free_port
 from ..common.qmp import Qmp, VmError
 from ..device.markers import MarkerCodec
 from ..device.workingset import RECORD_LIMIT, WorkingSetError, read_workingset, write_workingset
@@ -52,6 +52,8 @@ from .destination import (
     check_incoming_ram,
     drive,
     exited,
+    prefetch_cpus,
+    prefetch_cpus_key,
     wait_for_prefetch,
     wait_gone,
 )
@@ -79,6 +81,7 @@ class RestoreOptions:
     work_dir: Path  # short private directory: sockets, the key, the device's state directory
     replay: bool = True  # prefetch the snapshot's recorded working set first, if it has one
     record: bool = True  # save the first demand faults as the snapshot's working set
+    prefetch_cpus: str = "auto"  # where the prefetcher and the page server run (destination.prefetch_cpus)
     quiet: bool = False
     stream: TextIO | None = None
 
@@ -152,6 +155,7 @@ class _Restore(PhasedDriver):
         self.swap_name = f"rst{uuid.uuid4().hex[:8]}"
         self.swap_state = self.work / "swap"
         self.metrics_port = free_port()
+        self.prefetch_cpus: frozenset[int] | None = None
 
     def run(self) -> RestoreReport:
         self.started = time.monotonic()
@@ -315,8 +319,13 @@ class _Restore(PhasedDriver):
 
     def _serve(self) -> None:
         socket_path = self.work / "snapshot.sock"
+        try:
+            self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
+        except ValueError as exc:
+            raise RestoreError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
+        cpus = ["--cpus", format_cpu_list(self.prefetch_cpus)] if self.prefetch_cpus else []
         self.server = PageServerProcess(["--file", str(self.snapshot / snapshotdir.RAM)], [f"unix:{socket_path}"],
-                                        self.work / "page-server.log")
+                                        self.work / "page-server.log", extra_args=cpus)
         self.say(f"serving the snapshot's RAM on {socket_path}")
         try:
             self.server.start()
@@ -326,7 +335,8 @@ class _Restore(PhasedDriver):
 
     def _attach(self, size: int, key: Path, replay: list[int]) -> None:
         keys = [f"source=nbd+unix:///?socket={self.server.listen[0][5:]}", f"size={size}", f"key={key}",
-                f"source-id={self.server.instance}", f"metrics=127.0.0.1:{self.metrics_port}"]
+                f"source-id={self.server.instance}", f"metrics=127.0.0.1:{self.metrics_port}",
+                *prefetch_cpus_key(self.prefetch_cpus)]
         if replay:
             keys.append(f"replay={self.snapshot / snapshotdir.WORKINGSET}")
         self.say(f"attaching the swap device ({self.swap_name})"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.command import option_type
 from .cli import in_work_dir
+from .destination import PREFETCH_CPUS_HELP, check_prefetch_cpus
 from .restore import RestoreOptions, restore
 
 HELP = "resume a snapshot in a QEMU started with -incoming defer; its RAM arrives on demand"
@@ -43,11 +45,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: a new directory under $TMPDIR or /tmp, removed unless it holds a swap device)")
     parser.add_argument("--no-replay", action="store_true", help="do not prefetch the recorded working set first")
     parser.add_argument("--no-record", action="store_true", help="do not save the working set in DIR/workingset")
+    parser.add_argument("--prefetch-cpus", type=option_type(check_prefetch_cpus), default="auto",
+                        metavar="auto|all|LIST", help=PREFETCH_CPUS_HELP)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
 
 
 def run(args: argparse.Namespace) -> int:
     report = in_work_dir(args.work_dir, "nbdpc-rst-", lambda work_dir: restore(RestoreOptions(
-        args.directory, args.qmp, work_dir, replay=not args.no_replay, record=not args.no_record, quiet=args.quiet)))
+        args.directory, args.qmp, work_dir, replay=not args.no_replay, record=not args.no_record,
+        prefetch_cpus=args.prefetch_cpus, quiet=args.quiet)))
     print(report.summary())
     return 0

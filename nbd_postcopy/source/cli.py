@@ -15,6 +15,7 @@ from typing import NoReturn
 from prometheus_client import CollectorRegistry
 
 from ..common.command import CommandError, option_type
+from ..common.linux import format_cpu_list, parse_cpu_list, pin_this_thread
 from .gate import Gate, watch_qmp
 from .metrics import ServerMetrics
 from ..common.metrics import parse_metrics_listen, serve_metrics
@@ -63,6 +64,9 @@ connection holds at most 16 MiB of unsent replies (or one reply, up to 32 MiB): 
 read its replies gets no more answers until it does. So unsent replies never take more than
 max-connections x 32 MiB in total. Each limit is counted in nbd_postcopy_server_connections_refused_total
 and logged at most every 10 s.
+
+CPUs: --cpus LIST keeps the server on those CPUs. Where it shares a host with the guest it feeds (a
+migration on one host), one CPU the guest's vCPUs can spare leaves them the rest.
 
 SIGINT or SIGTERM stops the server cleanly (listeners closed, Unix sockets removed, exit 0).
 
@@ -122,6 +126,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     p.add_argument("--idle-timeout", type=option_type(lambda text: parse_number(text, "seconds", zero_ok=True)), default=DEFAULT_IDLE_TIMEOUT, metavar="S",
                    help=f"close a connection with no request for S seconds; 0: never (default {DEFAULT_IDLE_TIMEOUT:g})")
+    p.add_argument("--cpus", type=option_type(parse_cpu_list), metavar="LIST",
+                   help="run the server on these CPUs only, in the kernel's list format (e.g. 1, or 2-3): on a host "
+                        "that also runs the destination guest, a CPU it can spare (default: any)")
     p.add_argument("--metrics-listen", type=option_type(parse_metrics_listen), metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP here")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
@@ -197,6 +204,9 @@ async def _serve(args, source) -> None:
 
 
 def run(args) -> int:
+    if args.cpus:
+        pin_this_thread(args.cpus)  # before any thread starts, so that every later one inherits it
+        log.info("running on CPU %s", format_cpu_list(args.cpus))
     source = _open_source(args)
     try:
         asyncio.run(_serve(args, source))

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -182,3 +183,31 @@ def test_terminate_kills_what_ignores_sigterm():
     linux.terminate(process, timeout=0.2)
     assert process.returncode == -9
     linux.terminate(process)  # a process already reaped: nothing to do
+
+
+def test_cpu_lists_parse_and_format_as_the_kernel_writes_them():
+    allowed = sorted(os.sched_getaffinity(0))
+    assert linux.parse_cpu_list(str(allowed[0])) == {allowed[0]}
+    assert linux.parse_cpu_list(linux.format_cpu_list(allowed)) == set(allowed)
+    assert linux.format_cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert linux.format_cpu_list([3]) == "3"
+    for bad, message in [("", "is not a CPU list"), ("1-", "is not a CPU list"), ("a", "is not a CPU list"),
+                         ("-1", "is not a CPU list"), ("1-0", "the range runs backwards"),
+                         ("4095", "CPU 4095 is not one this process may use")]:
+        with pytest.raises(ValueError, match=message):
+            linux.parse_cpu_list(bad)
+
+
+def test_pin_this_thread_leaves_the_other_threads_alone():
+    allowed = os.sched_getaffinity(0)
+    seen = {}
+
+    def pinned() -> None:
+        linux.pin_this_thread(frozenset({min(allowed)}))
+        seen["thread"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == {min(allowed)}
+    assert os.sched_getaffinity(0) == allowed

@@ -192,6 +192,28 @@ def test_prefetcher_makes_everything_local(processes, run_dir, source, image, ke
     handle.shutdown()
 
 
+def thread_affinities(pid: int) -> list[set[int]]:
+    """The CPUs each thread of `pid` may run on."""
+    return [os.sched_getaffinity(int(task)) for task in os.listdir(f"/proc/{pid}/task")]
+
+
+def test_prefetch_cpus_pins_the_prefetcher_thread_and_nothing_else(processes, run_dir, source, image, key_file):
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    last = max(allowed)
+    plugin = Plugin(processes, run_dir, source.uri("unix"), key_file, f"prefetch-cpus={last}")
+    handle = plugin.connect()
+    stage(plugin, handle, {slot: slot - 1 for slot in range(1, PAGES + 1)})
+    request(str(plugin.control), "arm")
+    wait_until(lambda: request(str(plugin.control), "wait-local")["complete"], what="prefetch completion")
+    affinities = thread_affinities(plugin.proc.pid)
+    assert affinities.count({last}) == 1, affinities  # the prefetcher
+    assert all(cpus == allowed for cpus in affinities if cpus != {last}), affinities
+    assert handle.pread(PAGES * P, P) == image.read_bytes()
+    handle.shutdown()
+
+
 def test_reads_wait_for_the_source_to_come_back(processes, run_dir, image, key_file):
     with serve("nbd-postcopy", run_dir, image=image, extra=SAME_SOURCE) as server:
         uri = server.uri("unix")
@@ -328,6 +350,10 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["control=KEY"], "exists and is not a socket"),
         (["source=nbd+unix:///?socket=/x", "pages=10", "key=KEY", "prefetch=off", "replay=KEY"],
          "replay= needs the prefetcher, which prefetch=off turns off"),
+        (["prefetch-cpus=one"], "prefetch-cpus=one: 'one' is not a CPU list (e.g. 1, or 0-3,6)"),
+        (["prefetch-cpus=4095"], "prefetch-cpus=4095: CPU 4095 is not one this process may use"),
+        (["source=nbd+unix:///?socket=/x", "pages=10", "key=KEY", "prefetch=off", "prefetch-cpus=0"],
+         "prefetch-cpus= needs the prefetcher, which prefetch=off turns off"),
     ],
 )
 def test_config_errors_are_clear(run_dir, key_file, params, message):
@@ -352,7 +378,7 @@ def test_a_metrics_port_in_use_is_reported_with_the_key(run_dir, key_file):
 
 def test_dump_plugin_lists_keys():
     out = subprocess.run(["nbdkit", "python", str(PLUGIN), "--dump-plugin"], capture_output=True, text=True, check=True).stdout
-    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id,replay,warm" in out
+    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id,replay,warm,prefetch-cpus" in out
     assert "thread_model=parallel" in out or "max_thread_model=parallel" in out
 
 

@@ -201,3 +201,14 @@ def test_a_destination_whose_qmp_drops_is_waited_for_and_reported_as_what_it_is(
     expected = "exited after the switchover" if exits else "no longer answers QMP after the switchover"
     with pytest.raises(MigrateError, match=f"destination QEMU \\(pid 200\\) {expected}"):
         check_destination_alive(_LostQmp(), 200)
+
+
+def test_prefetch_cpus_auto_is_the_last_cpu_of_two_or_more(monkeypatch):
+    monkeypatch.setattr(destination_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert destination_module.prefetch_cpus("auto") == {3}
+    assert destination_module.prefetch_cpus("all") is None
+    assert destination_module.prefetch_cpus("1-2") == {1, 2}
+    assert destination_module.prefetch_cpus_key(frozenset({1, 2})) == ["prefetch-cpus=1-2"]
+    assert destination_module.prefetch_cpus_key(None) == []
+    monkeypatch.setattr(destination_module.os, "sched_getaffinity", lambda pid: {5})
+    assert destination_module.prefetch_cpus("auto") is None  # one CPU: nothing to leave the guest

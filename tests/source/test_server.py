@@ -36,7 +36,7 @@ from nbd_postcopy.source.sources import MAX_SCAN_DATA, FileSource, ProcessSource
 from nbd_postcopy.nbd.wire import REQUEST, REQUEST_MAGIC, Command, CommandFlag
 
 from tests.conftest import wait_for_path
-from tests.servers import write_image_with_zeros
+from tests.servers import free_tcp_port, write_image_with_zeros
 
 SIZE = 4 << 20
 PAGE = 4096
@@ -399,6 +399,23 @@ def test_signal_stops_cleanly_and_removes_the_socket(processes, run_dir, image, 
         client.close()
 
 
+def test_cpus_keeps_every_thread_of_the_server_on_those_cpus(processes, run_dir, image):
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    last = max(allowed)
+    proc, sock = start_serve(processes, run_dir, "--file", image[0], "--cpus", str(last),
+                             "--metrics-listen", f"127.0.0.1:{free_tcp_port()}")
+    client = SourceClient(f"nbd+unix:///?socket={sock}")
+    try:
+        assert client.read(0, PAGE, timeout=10) == image[1][:PAGE]
+        threads = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(threads) > 1  # the metrics server's thread started after the pinning
+        assert all(os.sched_getaffinity(int(task)) == {last} for task in threads)
+    finally:
+        client.close()
+
+
 def test_sigusr1_opens_the_closed_gate(processes, run_dir, image):
     proc, sock = start_serve(processes, run_dir, "--file", image[0], "--gate", "closed", log="gate.log")
     client = SourceClient(f"nbd+unix:///?socket={sock}")
@@ -490,6 +507,12 @@ def test_clear_errors(run_dir, image, args, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_cpu_it_may_not_use_is_a_usage_error(image):
+    result = subprocess.run([*SERVE, "--file", str(image[0]), "--listen", "unix:/nonexistent/x.sock", "--cpus", "4095"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "argument --cpus: CPU 4095 is not one this process may use" in result.stderr
 
 
 def test_bad_listen_spec_is_a_usage_error(image):
