@@ -394,7 +394,8 @@ class _Migration(PhasedDriver):
         if self.prefetch_cpus:  # on one host the page server is prefetch work too
             argv += ["--cpus", format_cpu_list(self.prefetch_cpus)]
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.file or 'through /proc/PID/mem'}) on {self.socket}, "
-                 "gate closed")
+                 "gate closed" + (f"; the prefetch work runs on CPU {format_cpu_list(self.prefetch_cpus)}"
+                                  if self.prefetch_cpus else ""))
         with open(self.server_log, "ab") as log_file:
             self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                            start_new_session=True)

@@ -41,6 +41,10 @@ class Console:
     """Reads a QEMU serial console from a pipe, logs it to a file, and keeps memcheck's events.
 
     `on_line`, if given, is called with every line (without its line ending) as it arrives.
+    A migration can stop the guest in the middle of a line: the source's console then ends in a line
+    without its ending (read only when the source QEMU exits), and the destination's starts with the
+    rest. Neither piece is parsed on its own; `unterminated` and `first_line` keep them, with their
+    arrival times, and merged_heartbeats() joins them.
     """
 
     def __init__(self, stream, log_path: Path, name: str, on_line: Callable[[str], None] | None = None):
@@ -49,6 +53,8 @@ class Console:
         self._on_line = on_line
         self._events: list[ConsoleEvent] = []
         self._tail: list[str] = []
+        self.first_line: tuple[str, float] | None = None  # the first line and when it arrived
+        self.unterminated: tuple[str, float] | None = None  # a last line without its ending, at exit
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, name=f"{name}-console", daemon=True)
         self._thread.start()
@@ -62,7 +68,14 @@ class Console:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if self._on_line is not None:
                     self._on_line(line)
-                event = parse_console_line(line, now)
+                if self.first_line is None:
+                    self.first_line = (line, now)
+                if raw.endswith(b"\n"):
+                    event = parse_console_line(line, now)  # (the rest of a cut line matches no event)
+                else:  # the guest stopped here mid-line (a migration source); a failure still counts
+                    self.unterminated = (line, now)
+                    event = parse_console_line(line, now)
+                    event = event if isinstance(event, Failure) else None
                 with self._changed:
                     self._tail = (self._tail + [line])[-40:]
                     if event is not None:
@@ -119,8 +132,14 @@ class Console:
 
 
 def merged_heartbeats(*consoles: Console) -> list[Heartbeat]:
-    """Heartbeats from several consoles of one guest (source then destination), by guest counter."""
+    """Heartbeats from several consoles of one guest (source then destination), by guest counter. A line
+    that a migration cut in two counts once, when its rest arrived at the destination."""
     beats = {b.counter: b for c in consoles for b in c.events(Heartbeat)}
+    for before, after in zip(consoles, consoles[1:]):
+        if before.unterminated is not None and after.first_line is not None:
+            event = parse_console_line(before.unterminated[0] + after.first_line[0], after.first_line[1])
+            if isinstance(event, Heartbeat):
+                beats.setdefault(event.counter, event)
     return [beats[k] for k in sorted(beats)]
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
 from nbd_postcopy.common.qmp import QmpError, VmError
-from nbd_postcopy.testbench.vm import Vm, find_ram_region, ignore_shared_migrate, largest_gap, merged_heartbeats, postcopy_migrate
+from nbd_postcopy.testbench.vm import Console, Vm, find_ram_region, ignore_shared_migrate, largest_gap, merged_heartbeats, postcopy_migrate
 
 MIB = 1 << 20
 
@@ -27,6 +30,32 @@ def _assert_gone(*vms: Vm) -> None:
         assert not vm.qmp_path.exists()
         if vm.ram_file is not None:
             assert not vm.ram_file.exists(), f"{vm.ram_file} left behind"
+
+
+def _console(run_dir, name: str, output: bytes) -> Console:
+    """A Console reading `output` from a real pipe that is then closed (the QEMU exited)."""
+    read_end, write_end = os.pipe()
+    console = Console(os.fdopen(read_end, "rb"), run_dir / f"{name}.console", name)
+    os.write(write_end, output)
+    os.close(write_end)
+    console.join()
+    return console
+
+
+def test_a_heartbeat_cut_by_the_switchover_counts_once_when_its_rest_arrives(run_dir):
+    source = _console(run_dir, "src", b"HEARTBEAT 7 t=0.350\nHEARTBEAT 8 t=0.4")
+    time.sleep(0.05)
+    destination = _console(run_dir, "dst", b"00\nHEARTBEAT 9 t=0.450\n")
+    beats = merged_heartbeats(source, destination)
+    assert [(b.counter, b.guest_time) for b in beats] == [(7, 0.35), (8, 0.4), (9, 0.45)]
+    # beat 8 arrived with its rest, at the destination, not when the source's console closed
+    assert beats[1].host_time == destination.first_line[1] > source.unterminated[1]
+    assert source.events(Failure) == [] and destination.events(Failure) == []
+
+
+def test_a_failure_cut_by_the_switchover_still_counts(run_dir):
+    source = _console(run_dir, "src", b"HEARTBEAT 7 t=0.350\nFAIL page 12 at ")
+    assert [f.line for f in source.events(Failure)] == ["FAIL page 12 at "]
 
 
 def test_find_ram_region_on_incoming_destination(guest_image, run_dir):
