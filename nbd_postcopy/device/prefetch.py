@@ -35,7 +35,7 @@ from .workingset import REPLAY_SPAN
 log = logging.getLogger("nbd_postcopy.device.prefetch")
 
 WINDOW = 2  # runs per round trip
-RUN_PAGES = 64  # pages per run (256 KiB)
+RUN_PAGES = 128  # pages per run (512 KiB; docs/DESIGN.md, "Decisions": larger prefetch runs)
 RETRY_PAUSE = 1.0  # after a failed prefetch fetch
 IDLE_POLL = 0.2  # seconds between looks for work once everything is local
 

@@ -9,7 +9,7 @@ import pytest
 
 from nbd_postcopy.common.units import PAGE_SIZE
 from nbd_postcopy.device.device import Run
-from nbd_postcopy.device.prefetch import WINDOW, PrefetchScheduler, Prefetcher
+from nbd_postcopy.device.prefetch import RUN_PAGES, WINDOW, PrefetchScheduler, Prefetcher
 from tests.device.test_device import make_device, random_image, stage
 
 P = PAGE_SIZE
@@ -95,7 +95,7 @@ def test_prefetcher_fetches_everything_then_completes(tmp_path, caplog):
         prefetcher.close()
     assert "all pages are local: the source can be released" in caplog.text
     assert device.fetched["prefetch"] == pages - 3 + 1 and device.fetched_zero == 0  # zero pages were never fetched
-    assert all(len(call) <= WINDOW and all(length <= 64 * P for _, length in call) for call in prefetch_source.calls)
+    assert all(len(call) <= WINDOW and all(length <= RUN_PAGES * P for _, length in call) for call in prefetch_source.calls)
     source.down = True
     assert device.read(P, pages * P) == source.image
     assert device.read((pages + 1) * P, P) == source.image[5 * P : 6 * P]
