@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -87,6 +88,57 @@ def processes_mentioning(text: str) -> list[int]:
         if entry.name.isdigit() and entry.name != str(os.getpid()) and process_matches(int(entry.name), text):
             found.append(int(entry.name))
     return found
+
+
+def thread_affinities(pid: int) -> dict[int, frozenset[int]]:
+    """The CPUs each thread of `pid` may run on, by thread id."""
+    return {int(tid): frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+class AffinityWatch:
+    """Samples, every 20 ms until stopped, the CPUs each thread of the nbdkit and page server processes
+    whose command line mentions `needle` may run on. `last` holds each thread's latest sample:
+    {"nbdkit": {(pid, tid): CPUs}, "serve": {...}}."""
+
+    def __init__(self, needle: str):
+        self.needle = needle
+        self.last: dict[str, dict[tuple[int, int], frozenset[int]]] = {"nbdkit": {}, "serve": {}}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "AffinityWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def check_auto(self, page_server_too: bool) -> None:
+        """`--prefetch-cpus auto` on a host of two CPUs or more: in each nbdkit seen, the prefetcher thread
+        alone on the last CPU; with `page_server_too`, every thread of each page server seen there too."""
+        allowed = frozenset(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            return
+        last = frozenset({max(allowed)})
+        pids = {pid for pid, _ in self.last["nbdkit"]}
+        assert pids, "no nbdkit seen"
+        for pid in pids:
+            threads = [cpus for (owner, _), cpus in self.last["nbdkit"].items() if owner == pid]
+            assert threads.count(last) == 1 and set(threads) == {last, allowed}, self.last
+        if page_server_too:
+            assert self.last["serve"] and set(self.last["serve"].values()) == {last}, self.last
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            for pid in processes_mentioning(self.needle):
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    kind = "nbdkit" if argv[0].endswith(b"nbdkit") else "serve" if b"serve" in argv else None
+                    if kind:
+                        self.last[kind].update(((pid, tid), cpus) for tid, cpus in thread_affinities(pid).items())
+                except OSError:  # it exited meanwhile
+                    pass
 
 
 def swaps_line(device: str) -> list[str]:

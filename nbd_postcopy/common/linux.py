@@ -632,13 +632,7 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
     """The kernel's list format: {0, 1, 2, 5} -> "0-2,5"."""
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in _ranges(sorted(cpus)))
-
-
-def _ranges(values: list[int]) -> Iterator[tuple[int, int]]:
-    """Inclusive runs of consecutive values."""
-    for start, count in _runs(values):
-        yield start, start + count - 1
+    return ",".join(str(start) if count == 1 else f"{start}-{start + count - 1}" for start, count in _runs(sorted(cpus)))
 
 
 def pin_this_thread(cpus: frozenset[int]) -> None:

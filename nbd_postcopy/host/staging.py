@@ -151,12 +151,12 @@ def _device_status(control: str) -> dict:
 @contextlib.contextmanager
 def pinned_to(cpu: int) -> Iterator[None]:
     """Run on one CPU: the per-CPU LRU batches that hold freshly faulted pages are then drained by us."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
+    before = frozenset(os.sched_getaffinity(0))
+    linux.pin_this_thread(frozenset({cpu}))
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        linux.pin_this_thread(before)
 
 
 def write_pages(pid: int, address: int, count: int, header_of: Callable[[int], bytes] | None,

@@ -45,13 +45,17 @@ PREFETCH_CPUS_HELP = (
 
 def prefetch_cpus(choice: str = "auto") -> frozenset[int] | None:
     """The CPU set that --prefetch-cpus `choice` names, or None for any CPU (docs/DESIGN.md, "Decisions":
-    on two CPUs, confining the prefetch work to one left the guest enough of the other)."""
+    on two CPUs, confining the prefetch work to one left the guest enough of the other). MigrateError if
+    `choice` names none."""
     if choice == "auto":
         allowed = os.sched_getaffinity(0)
         return frozenset({max(allowed)}) if len(allowed) >= 2 else None
     if choice == "all":
         return None
-    return parse_cpu_list(choice)
+    try:
+        return parse_cpu_list(choice)
+    except ValueError as exc:
+        raise MigrateError(f"prefetch CPUs {choice!r}: {exc}") from None
 
 
 def check_prefetch_cpus(choice: str) -> str:
@@ -67,6 +71,11 @@ def check_prefetch_cpus(choice: str) -> str:
 def prefetch_cpus_key(cpus: frozenset[int] | None) -> list[str]:
     """The plugin key for `cpus` (none for any CPU)."""
     return [f"prefetch-cpus={format_cpu_list(cpus)}"] if cpus else []
+
+
+def serve_cpus_args(cpus: frozenset[int] | None) -> list[str]:
+    """The page server's options for `cpus` (none for any CPU), on the host that runs the guest."""
+    return ["--cpus", format_cpu_list(cpus)] if cpus else []
 
 
 def connect(path: Path, role: str) -> Qmp:

@@ -59,6 +59,7 @@ from .destination import (  # (the tests import some of them from here)
     fault_latency,
     prefetch_cpus,
     prefetch_cpus_key,
+    serve_cpus_args,
     wait_for_prefetch,
     wait_gone as _wait_gone,
     wait_migration_completed,
@@ -282,10 +283,7 @@ class _Migration(PhasedDriver):
         src_pid, dst_pid = self.src_pid, self.dst_pid = source.peer_pid(), destination.peer_pid()
         src_ram, dst_ram = self._check(source, destination, src_pid, dst_pid)
         self.dst_ram = dst_ram
-        try:
-            self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
-        except ValueError as exc:
-            raise MigrateError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
+        self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
         self._enter(Phase.SERVING)
         self._start_server(src_pid, src_ram)
         key = self.work / "key"
@@ -390,9 +388,8 @@ class _Migration(PhasedDriver):
 
     def _start_server(self, src_pid: int, ram: RamRegion) -> None:
         argv = [sys.executable, "-m", "nbd_postcopy.cli", "serve", *ram.serve_args(src_pid),
-                "--listen", f"unix:{self.socket}", "--gate", "closed"]
-        if self.prefetch_cpus:  # on one host the page server is prefetch work too
-            argv += ["--cpus", format_cpu_list(self.prefetch_cpus)]
+                "--listen", f"unix:{self.socket}", "--gate", "closed",
+                *serve_cpus_args(self.prefetch_cpus)]  # on one host the page server is prefetch work too
         self.say(f"serving the source RAM ({ram.length >> 20} MiB, {ram.file or 'through /proc/PID/mem'}) on {self.socket}, "
                  "gate closed" + (f"; the prefetch work runs on CPU {format_cpu_list(self.prefetch_cpus)}"
                                   if self.prefetch_cpus else ""))

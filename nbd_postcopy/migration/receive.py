@@ -228,10 +228,7 @@ class Receiver(StepDriver):
                 f"metrics=127.0.0.1:{self.metrics_port}"]
         if self.o.timeout is not None:
             keys.append(f"timeout={self.o.timeout:g}")
-        try:
-            keys += prefetch_cpus_key(prefetch_cpus(self.o.prefetch_cpus))
-        except ValueError as exc:
-            raise MigrateError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
+        keys += prefetch_cpus_key(prefetch_cpus(self.o.prefetch_cpus))
         self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
         swap = attach_device(keys, self.swap_name, self.swap_state)
         self.control = Path(swap.state.control)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..common.linux import format_cpu_list, free_port
+from ..common.linux import free_port
 from ..common.qmp import Qmp, VmError
 from ..device.markers import MarkerCodec
 from ..device.workingset import RECORD_LIMIT, WorkingSetError, read_workingset, write_workingset
@@ -54,6 +54,7 @@ from .destination import (
     exited,
     prefetch_cpus,
     prefetch_cpus_key,
+    serve_cpus_args,
     wait_for_prefetch,
     wait_gone,
 )
@@ -319,13 +320,9 @@ class _Restore(PhasedDriver):
 
     def _serve(self) -> None:
         socket_path = self.work / "snapshot.sock"
-        try:
-            self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
-        except ValueError as exc:
-            raise RestoreError(f"prefetch CPUs {self.o.prefetch_cpus!r}: {exc}") from None
-        cpus = ["--cpus", format_cpu_list(self.prefetch_cpus)] if self.prefetch_cpus else []
+        self.prefetch_cpus = prefetch_cpus(self.o.prefetch_cpus)
         self.server = PageServerProcess(["--file", str(self.snapshot / snapshotdir.RAM)], [f"unix:{socket_path}"],
-                                        self.work / "page-server.log", extra_args=cpus)
+                                        self.work / "page-server.log", extra_args=serve_cpus_args(self.prefetch_cpus))
         self.say(f"serving the snapshot's RAM on {socket_path}")
         try:
             self.server.start()

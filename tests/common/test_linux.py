@@ -200,6 +200,8 @@ def test_cpu_lists_parse_and_format_as_the_kernel_writes_them():
 
 def test_pin_this_thread_leaves_the_other_threads_alone():
     allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs: on one, the pinned and the unpinned set are the same")
     seen = {}
 
     def pinned() -> None:

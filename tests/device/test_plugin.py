@@ -25,6 +25,7 @@ from nbd_postcopy.device.markers import MarkerCodec
 from nbd_postcopy.common.units import parse_size
 from tests.conftest import PLUGIN, wait_for_path
 from tests.servers import free_tcp_port, serve, stop, write_image
+from tests.swapdev import thread_affinities
 
 P = PAGE_SIZE
 PAGES = 1024  # a 4 MiB guest
@@ -192,11 +193,6 @@ def test_prefetcher_makes_everything_local(processes, run_dir, source, image, ke
     handle.shutdown()
 
 
-def thread_affinities(pid: int) -> list[set[int]]:
-    """The CPUs each thread of `pid` may run on."""
-    return [os.sched_getaffinity(int(task)) for task in os.listdir(f"/proc/{pid}/task")]
-
-
 def test_prefetch_cpus_pins_the_prefetcher_thread_and_nothing_else(processes, run_dir, source, image, key_file):
     allowed = os.sched_getaffinity(0)
     if len(allowed) < 2:
@@ -207,7 +203,7 @@ def test_prefetch_cpus_pins_the_prefetcher_thread_and_nothing_else(processes, ru
     stage(plugin, handle, {slot: slot - 1 for slot in range(1, PAGES + 1)})
     request(str(plugin.control), "arm")
     wait_until(lambda: request(str(plugin.control), "wait-local")["complete"], what="prefetch completion")
-    affinities = thread_affinities(plugin.proc.pid)
+    affinities = list(thread_affinities(plugin.proc.pid).values())
     assert affinities.count({last}) == 1, affinities  # the prefetcher
     assert all(cpus == allowed for cpus in affinities if cpus != {last}), affinities
     assert handle.pread(PAGES * P, P) == image.read_bytes()

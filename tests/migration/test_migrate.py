@@ -6,7 +6,6 @@ import os
 import shlex
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, migrate
 from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
 from nbd_postcopy.common.qmp import VmError
 from nbd_postcopy.host.attachment import State
-from tests.swapdev import processes_mentioning, run_setup_swap
+from tests.swapdev import AffinityWatch, processes_mentioning, run_setup_swap
 
 MIB = 1 << 20
 PAGE = 4096
@@ -49,37 +48,6 @@ def _nothing_left(run_dir) -> None:
     assert str(run_dir) not in ps, [line for line in ps.splitlines() if str(run_dir) in line]
 
 
-class AffinityWatch:
-    """Samples, every 20 ms until stopped, the CPUs each thread of the nbdkit and page server processes
-    whose command line mentions `needle` may run on. `last` holds each thread's latest sample:
-    {"nbdkit": {(pid, tid): CPUs}, "serve": {...}}."""
-
-    def __init__(self, needle: str):
-        self.needle = needle
-        self.last: dict[str, dict[tuple[int, int], frozenset[int]]] = {"nbdkit": {}, "serve": {}}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "AffinityWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for pid in processes_mentioning(self.needle):
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    kind = "nbdkit" if argv[0].endswith(b"nbdkit") else "serve" if b"serve" in argv else None
-                    for tid in os.listdir(f"/proc/{pid}/task") if kind else ():
-                        self.last[kind][pid, int(tid)] = frozenset(os.sched_getaffinity(int(tid)))
-                except OSError:  # it exited meanwhile
-                    pass
-
-
 def test_histogram_quantiles():
     text = "\n".join([
         "# TYPE x_seconds histogram",
@@ -105,12 +73,7 @@ def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
             report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
                                             run_dir / "mig", quiet=True))
         assert report.guest_bytes == 256 * MIB
-        allowed = os.sched_getaffinity(0)
-        if len(allowed) >= 2:  # --prefetch-cpus auto: the prefetch work on the last CPU, the rest anywhere
-            last = frozenset({max(allowed)})
-            assert set(watch.last["serve"].values()) == {last}, watch.last
-            nbdkit = list(watch.last["nbdkit"].values())
-            assert nbdkit.count(last) == 1 and set(nbdkit) == {last, frozenset(allowed)}, watch.last
+        watch.check_auto(page_server_too=True)  # one host: the page server is prefetch work too
         assert report.device_state_bytes < 16 * MIB, "guest RAM must not travel in QEMU's stream"
         assert report.source_released
         assert report.pages_demand + report.pages_prefetch > 0

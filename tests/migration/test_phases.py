@@ -208,6 +208,10 @@ def test_prefetch_cpus_auto_is_the_last_cpu_of_two_or_more(monkeypatch):
     assert destination_module.prefetch_cpus("auto") == {3}
     assert destination_module.prefetch_cpus("all") is None
     assert destination_module.prefetch_cpus("1-2") == {1, 2}
+    with pytest.raises(destination_module.MigrateError, match="prefetch CPUs '9': CPU 9 is not one this process may use"):
+        destination_module.prefetch_cpus("9")
+    assert destination_module.serve_cpus_args(frozenset({3})) == ["--cpus", "3"]
+    assert destination_module.serve_cpus_args(None) == []
     assert destination_module.prefetch_cpus_key(frozenset({1, 2})) == ["prefetch-cpus=1-2"]
     assert destination_module.prefetch_cpus_key(None) == []
     monkeypatch.setattr(destination_module.os, "sched_getaffinity", lambda pid: {5})

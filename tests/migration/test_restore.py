@@ -23,7 +23,7 @@ from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
 from nbd_postcopy.testbench.vm import Vm
 from nbd_postcopy.host.attachment import State
 from tests.migration.test_migrate import _nothing_left
-from tests.swapdev import processes_mentioning, run_setup_swap
+from tests.swapdev import AffinityWatch, processes_mentioning, run_setup_swap
 
 MIB = 1 << 20
 
@@ -86,8 +86,10 @@ def test_snapshot_then_restore_twice_with_working_set_replay(guest_image, run_di
     assert sorted(p.name for p in snap.iterdir()) == ["manifest.json", "ram", "state"]
     assert [p.name for p in run_dir.glob("snap.partial-*")] == []
 
-    reports = [_restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name=f"dst{number}", mib=256)
-               for number in (1, 2)]
+    with AffinityWatch(str(run_dir)) as watch:
+        reports = [_restore_into_a_fresh_qemu(guest_image, run_dir, snap, append, name=f"dst{number}", mib=256)
+                   for number in (1, 2)]
+    watch.check_auto(page_server_too=True)  # restore runs on one host, like migrate
     first, second = reports
     assert first.replayed_pages == 0 and first.recorded_pages > 0
     assert (snap / "workingset").read_text().startswith("# working set of the snapshot with RAM sha256 ")

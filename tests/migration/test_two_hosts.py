@@ -17,6 +17,7 @@ from pyroute2 import NetNS
 from nbd_postcopy.testbench.guest import Failure, PassOk, prepare_guest
 from nbd_postcopy.testbench.vm import Vm
 from tests.netns import two_hosts
+from tests.swapdev import AffinityWatch
 
 MIB = 1 << 20
 CLI = [sys.executable, "-m", "nbd_postcopy.cli"]
@@ -87,10 +88,12 @@ def test_migrate_the_checker_guest_to_another_host(guest_image, run_dir, process
                                             "--work-dir", run_dir / "rcv"], stdout=out, stderr=subprocess.STDOUT)
             wait_for_line(log, "waiting for a sender", receiver)
             shaping = [] if tls else ["--prefetch-bandwidth", "4gbit"]  # installed, and removed again
-            sent = subprocess.run([*src.enter, *CLI, "migrate", "--source-qmp", source.extra_qmp_paths[0],
-                                   "--to", f"tcp:{dst.address}:{CHANNEL_PORT}", *certs.get("src", []), *shaping,
-                                   "--work-dir", run_dir / "snd"], capture_output=True, text=True, timeout=300)
+            with AffinityWatch(str(run_dir)) as watch:
+                sent = subprocess.run([*src.enter, *CLI, "migrate", "--source-qmp", source.extra_qmp_paths[0],
+                                       "--to", f"tcp:{dst.address}:{CHANNEL_PORT}", *certs.get("src", []), *shaping,
+                                       "--work-dir", run_dir / "snd"], capture_output=True, text=True, timeout=300)
             assert sent.returncode == 0, sent.stdout + sent.stderr
+            watch.check_auto(page_server_too=False)  # receive pins its prefetcher; the source's server is not pinned
             if shaping:
                 assert f"prefetch replies capped at 4000 Mbit/s on {src.interface}" in sent.stderr
                 with NetNS(src.netns) as ns:
