@@ -16,7 +16,6 @@ from nbd_postcopy.testbench.guest import Failure, Heartbeat, PassOk, prepare_gue
 from nbd_postcopy.migration.destination import histogram_quantiles
 from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, migrate
 from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
-from nbd_postcopy.common.qmp import VmError
 from nbd_postcopy.host.attachment import State
 from tests.swapdev import AffinityWatch, processes_mentioning, run_setup_swap
 
