@@ -70,12 +70,11 @@ class Console:
                     self._on_line(line)
                 if self.first_line is None:
                     self.first_line = (line, now)
-                if raw.endswith(b"\n"):
-                    event = parse_console_line(line, now)  # (the rest of a cut line matches no event)
-                else:  # the guest stopped here mid-line (a migration source); a failure still counts
+                event = parse_console_line(line, now)  # (the rest of a cut line matches no event)
+                if not raw.endswith(b"\n"):  # the guest stopped here mid-line (a migration source)
                     self.unterminated = (line, now)
-                    event = parse_console_line(line, now)
-                    event = event if isinstance(event, Failure) else None
+                    if not isinstance(event, Failure):  # a failure still counts; the rest waits for its end
+                        event = None
                 with self._changed:
                     self._tail = (self._tail + [line])[-40:]
                     if event is not None:
