@@ -15,7 +15,8 @@
 3. The plugin's own memory (RssAnon) after staging every page, at several guest sizes, beside the mapped files (RssFile: the page file that staging warms).
 4. Demand swap-in through the kernel (needs root; holds the test suite's swap lock): a process's fresh
    memory staged onto the real swap device (loop + nbdfuse + nbdkit + plugin, prefetch off, fetching
-   from `nbd-postcopy serve` on a Unix socket), then touched one page at a time at random with
+   from `nbd-postcopy serve` on a Unix socket; demand-store=off, as in a migration, and once more with
+   demand-store=on), then touched one page at a time at random with
    --think-us between touches, each first touch timed (a major fault): p50/p99, beside the SAME kernel
    path with nbdkit's C `nbd` plugin in front of nbdkit's C `memory` plugin (two hops, no Python). Two
    more rows: the plugin with its prefetcher, touched once every page is local (what most swap-ins right
@@ -398,7 +399,11 @@ SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 TOUCHER = REPO / "benchmarks" / "toucher.py"
 TOUCH_SPACING = 32  # pages between two touched pages: beyond the swap readahead window (vm.page-cluster)
 TOUCH_WARM_UP = 20  # unmeasured first touches of each run
-KERNEL_POSTCOPY = "postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve"
+# The demand path as a migration takes it: the prefetcher stores the page afterwards, so the fetch keeps no
+# copy (demand-store=off); the prefetcher itself is off so that the touched pages are still remote.
+KERNEL_POSTCOPY = "postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off, demand-store off) -> serve"
+# The same with the page stored before the answer (demand-store=on, the default with prefetch=off).
+KERNEL_STORED = "postcopy, page stored before the answer (demand-store on)"
 KERNEL_FLOOR = "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)"
 # What most of the guest's swap-ins right after a switchover are (benchmarks/results/migrate.md, probe
 # columns): pages the prefetcher already made local, which still take the whole kernel path.
@@ -479,7 +484,7 @@ def bench_swapin(mib: int, touches: int, think_us: float, rounds: int) -> Table:
     run_dir = Path(tempfile.mkdtemp(prefix="nbdpc-b-", dir="/tmp"))  # short: Unix sockets live here
     processes = Processes()
     results: dict[str, list[tuple[list[float], int, int]]] = {
-        KERNEL_POSTCOPY: [], KERNEL_FLOOR: [], KERNEL_LOCAL: [], KERNEL_ONE_HOP: []}
+        KERNEL_POSTCOPY: [], KERNEL_STORED: [], KERNEL_FLOOR: [], KERNEL_LOCAL: [], KERNEL_ONE_HOP: []}
     page_cluster = Path("/proc/sys/vm/page-cluster").read_text().strip()
     print(f"demand swap-in through the kernel, {mib} MiB staged, {touches} touches {think_us:g} µs apart "
           f"(vm.page-cluster {page_cluster}):", flush=True)
@@ -497,7 +502,8 @@ def bench_swapin(mib: int, touches: int, think_us: float, rounds: int) -> Table:
         with open(SWAP_LOCK, "w") as lock, servers.serve("nbd-postcopy", run_dir, image=image) as source:
             fcntl.flock(lock, fcntl.LOCK_EX)
             keys = {"source": source.uri("unix"), "size": mib << 20, "key": keyfile, "prefetch": "off"}
-            runs = {KERNEL_POSTCOPY: (keys, None), KERNEL_FLOOR: (None, f"nbd socket={memory_socket}"),
+            runs = {KERNEL_POSTCOPY: ({**keys, "demand-store": "off"}, None), KERNEL_STORED: (keys, None),
+                    KERNEL_FLOOR: (None, f"nbd socket={memory_socket}"),
                     KERNEL_LOCAL: ({**keys, "prefetch": "on"}, None),
                     KERNEL_ONE_HOP: (None, f"memory size={slots * P}")}
             for r in range(rounds):  # taking turns, in an order that rotates, so a change of load hits all alike
@@ -516,7 +522,7 @@ def bench_swapin(mib: int, touches: int, think_us: float, rounds: int) -> Table:
         p99 = statistics.median(percentile(lat, 0.99) for lat, _, _ in per_round)
         each = " / ".join(f"{percentile(lat, 0.5):.0f}" for lat, _, _ in per_round)
         faults = " / ".join(str(f) for _, f, _ in per_round)
-        demand = " / ".join(str(d) for _, _, d in per_round) if label in (KERNEL_POSTCOPY, KERNEL_LOCAL) else "-"
+        demand = " / ".join(str(d) for _, _, d in per_round) if label.startswith("postcopy") else "-"
         rows.append([label, p50s[label], p99, each, f"{touches} x {len(per_round)}", faults, demand])
     ratio = p50s[KERNEL_POSTCOPY] / p50s[KERNEL_FLOOR]
     local_ratio = p50s[KERNEL_LOCAL] / p50s[KERNEL_ONE_HOP]
@@ -524,6 +530,9 @@ def bench_swapin(mib: int, touches: int, think_us: float, rounds: int) -> Table:
           f"local page / C one hop: {local_ratio:.2f}x", flush=True)
     rows.append([f"ratio of p50: postcopy / C floor {ratio:.2f}x (issue 12 target <= 1.5x, {met(ratio, 1.5)})",
                  "", "", "", "", "", ""])
+    stored_ratio = p50s[KERNEL_STORED] / p50s[KERNEL_FLOOR]
+    rows.append([f"ratio of p50: page stored before the answer / C floor {stored_ratio:.2f}x (demand-store=on, the "
+                 "default with prefetch=off)", "", "", "", "", "", ""])
     rows.append([f"ratio of p50: page already local / C one hop {local_ratio:.2f}x (no target: the floor of a "
                  "swap-in right after the switchover)", "", "", "", "", "", ""])
     rows.append([f"{mib} MiB staged, touches {think_us:g} µs apart, {TOUCH_SPACING} pages apart, "
@@ -683,12 +692,14 @@ def main() -> int:
         "swap-in through the kernel: a process (benchmarks/toucher.py) maps fresh memory, which is staged "
         "(host/staging.py stage_range) onto the device attached as tests/swapdev.py does (nbdkit under the "
         "supervisor -> nbdfuse -> losetup --direct-io=on -> swapon), the plugin with prefetch=off fetching from "
-        "nbd-postcopy serve over a Unix socket; the C floor is the same attachment with nbdkit's nbd plugin "
+        "nbd-postcopy serve over a Unix socket, with demand-store=off as in a migration (the prefetcher stores "
+        "the page afterwards) and, in a row of its own, demand-store=on (the page stored before the answer, the "
+        "default with prefetch=off); the C floor is the same attachment with nbdkit's nbd plugin "
         "(socket=) in front of nbdkit memory (the stand-in plugin of NBD_POSTCOPY_NBDKIT_PLUGIN, mkswap'd). "
         f"Touched pages are {TOUCH_SPACING} pages apart (beyond swap readahead) in random order, the first "
         f"{TOUCH_WARM_UP} unmeasured; each touch is timed in the process around a one-byte read (a major "
         "fault). Beside them, the plugin with its prefetcher once every page is local, and nbdkit's C memory "
-        f"plugin alone (the floor right after a switchover). The four paths take turns in {args.swapin_rounds} rounds "
+        f"plugin alone (the floor right after a switchover). The five paths take turns in {args.swapin_rounds} rounds "
         "(in a rotating order); p50/p99 are medians over the rounds. Target (issue 12): postcopy p50 <= 1.5x the C "
         "floor",
         "CPU per GiB: utime+stime (/proc/PID/stat) of nbdkit (with plugin/postcopy.py) and nbd-postcopy serve from "

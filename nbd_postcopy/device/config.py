@@ -41,6 +41,10 @@ KEYS = {
     "prefetch-cpus": "CPUs the prefetcher's thread runs on, in the kernel's list format (e.g. 1, or 2-3); default: "
     "any that nbdkit may use. On a host with few CPUs, one CPU keeps the prefetcher from taking the guest's "
     "(docs/DESIGN.md, \"Decisions\")",
+    "demand-store": "on|off: keep a copy of each page fetched on demand in the page file, so that it is local from "
+    "then on (default: off while the prefetcher runs, which fetches and stores the fault's neighbourhood next, that "
+    "page included; on with prefetch=off). With both off, no page ever becomes local: the source must stay until "
+    "completion has swapped every page in (docs/DESIGN.md, \"A demand fetch keeps no copy\")",
 }
 REQUIRED = ("source", "key")
 
@@ -66,6 +70,7 @@ class PluginConfig:
     timeout: float = DEFAULT_TIMEOUT
     prefetch: bool = True
     warm: bool = True
+    demand_store: bool | None = None  # None: the opposite of prefetch (check_complete)
     armed: bool = False
     label: str = ""
     uuid: uuid_module.UUID | None = None
@@ -130,6 +135,8 @@ class PluginConfig:
             self.prefetch_cpus = parse_cpu_list(value)
         elif key == "warm":
             self.warm = _choice(value, on=True, off=False)
+        elif key == "demand-store":
+            self.demand_store = _choice(value, on=True, off=False)
         elif key == "armed":
             self.armed = _choice(value, yes=True, no=False)
         elif key == "label":
@@ -159,6 +166,8 @@ class PluginConfig:
             raise ConfigError("replay= needs the prefetcher, which prefetch=off turns off")
         if self.prefetch_cpus and not self.prefetch:
             raise ConfigError("prefetch-cpus= needs the prefetcher, which prefetch=off turns off")
+        if self.demand_store is None:
+            self.demand_store = not self.prefetch
 
 
 def _check_can_listen(host: str, port: int) -> None:

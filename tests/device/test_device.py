@@ -265,6 +265,22 @@ def test_old_bytes_of_a_trimmed_slot_never_show_through_a_zero_page(tmp_path, co
     assert device.read(1 * P, 2 * P) == bytes(2 * P) and len(source.calls) == fetches
 
 
+def test_without_demand_store_a_fetched_page_stays_pending_until_prefetched(tmp_path):
+    device, source = make_device(tmp_path, image=random_image(64, zero_pages=(5,)), store_demand=False)
+    stage(device, {1: 3, 2: 4, 3: 5})
+    device.arm()
+    for _ in range(2):  # fetched again: the first fetch kept nothing
+        assert device.read(1 * P, 3 * P) == source.image[3 * P : 6 * P]
+    assert len(source.calls) == 2 and device.status()["remaining"] == 3 and not device.is_local(1)
+    assert device.fetched["demand"] == 4 and device.fetched_zero == 2 and device.fetched["prefetch"] == 0
+    assert device.metrics.registry.get_sample_value("nbd_postcopy_pages_fetched_total", {"reason": "demand"}) == 4
+    assert device._store.allocated_bytes() == 0
+    device.fetch([Run(1, 3, 3)], source, "prefetch", 1.0)  # the prefetcher stores them
+    assert device.complete
+    source.down = True
+    assert device.read(1 * P, 3 * P) == source.image[3 * P : 6 * P]
+
+
 def test_never_written_slot_reads_zeros_as_anomaly(tmp_path):
     device, source = make_device(tmp_path)
     device.arm()

@@ -20,6 +20,7 @@ import pytest
 
 from nbd_postcopy.common.units import PAGE_SIZE
 from nbd_postcopy.device import swapheader
+from nbd_postcopy.device.config import PluginConfig
 from nbd_postcopy.device.control import request
 from nbd_postcopy.device.markers import MarkerCodec
 from nbd_postcopy.common.units import parse_size
@@ -118,6 +119,24 @@ def test_markers_then_reads_return_source_pages(processes, run_dir, source, imag
     handle.shutdown()
 
 
+def test_demand_store_off_hands_pages_over_and_keeps_no_copy(processes, run_dir, source, image, key_file):
+    plugin = Plugin(processes, run_dir, source.uri("unix"), key_file, "prefetch=off", "demand-store=off")
+    data = image.read_bytes()
+    handle = plugin.connect()
+    mapping = {1: 500, 2: 501, 3: 102, 4: 900}  # guest page 102 is zeros
+    stage(plugin, handle, mapping)
+    request(str(plugin.control), "arm")
+    blocks = page_file_blocks(plugin.proc.pid, run_dir)
+    expected = b"".join(data[g * P : (g + 1) * P] for g in mapping.values())
+    for _ in range(2):  # the second read fetches again: nothing was kept
+        assert handle.pread(4 * P, P) == expected
+    status = plugin.status()
+    assert status["remaining"] == 4 and status["local"] == 0 and not status["complete"]
+    assert status["fetched_demand"] == 6 and status["fetched_zero"] == 2
+    assert page_file_blocks(plugin.proc.pid, run_dir) == blocks
+    handle.shutdown()
+
+
 def test_overlay_trim_and_unaligned_writes(processes, run_dir, source, key_file):
     plugin = Plugin(processes, run_dir, source.uri("unix"), key_file, "prefetch=off", "armed=yes")
     handle = plugin.connect()
@@ -148,6 +167,14 @@ def page_file_mapping(pid: int, cache_dir: Path) -> dict[str, int]:
     if not fields:
         raise AssertionError(f"no mapping of a file in {cache_dir} in /proc/{pid}/smaps")
     return fields
+
+
+def page_file_blocks(pid: int, cache_dir: Path) -> int:
+    """The blocks allocated to the plugin's page file (the unlinked file in cache_dir that it holds open)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if os.readlink(fd).startswith(f"{cache_dir}/"):
+            return os.stat(fd).st_blocks
+    raise AssertionError(f"nbdkit {pid} holds no file in {cache_dir} open")
 
 
 def test_page_file_reads_stay_unlocked_under_nbdkit_swap(processes, run_dir, source, key_file):
@@ -339,6 +366,7 @@ def run_plugin_config(*params: str, socket: str = "/nonexistent/never.sock") -> 
         (["source=http://host/x"], "scheme must be one of nbd://"),
         (["timeout=-1"], "timeout=-1: must be a positive number of seconds"),
         (["prefetch=maybe"], "prefetch=maybe: must be one of on, off"),
+        (["demand-store=yes"], "demand-store=yes: must be one of on, off"),
         (["label=" + "x" * 17], "longer than 16 bytes"),
         (["source-id=a b"], "source-id=a b: instance id 'a b': want 1..128 characters"),
         (["metrics=127.0.0.1:70000"], "metrics=127.0.0.1:70000: port 70000 out of range 0..65535"),
@@ -361,6 +389,20 @@ def test_config_errors_are_clear(run_dir, key_file, params, message):
     assert "nbdkit: postcopy: error: " in result.stderr and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("keys, stored", [
+    ([], False),  # the prefetcher stores the fault's neighbourhood, the page included
+    (["prefetch=off"], True),
+    (["prefetch=off", "demand-store=off"], False),
+    (["demand-store=on"], True),
+])
+def test_demand_store_defaults_to_the_opposite_of_prefetch(key_file, keys, stored):
+    config = PluginConfig()
+    for item in ["source=nbd+unix:///?socket=/x", "pages=10", f"key={key_file}", *keys]:
+        config.set(*item.split("=", 1))
+    config.check_complete()
+    assert config.demand_store is stored
+
+
 def test_a_metrics_port_in_use_is_reported_with_the_key(run_dir, key_file):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -374,7 +416,7 @@ def test_a_metrics_port_in_use_is_reported_with_the_key(run_dir, key_file):
 
 def test_dump_plugin_lists_keys():
     out = subprocess.run(["nbdkit", "python", str(PLUGIN), "--dump-plugin"], capture_output=True, text=True, check=True).stdout
-    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id,replay,warm,prefetch-cpus" in out
+    assert "postcopy_keys=source,pages,size,key,headroom,metrics,control,cache-dir,timeout,prefetch,armed,label,uuid,source-id,replay,warm,prefetch-cpus,demand-store" in out
     assert "thread_model=parallel" in out or "max_thread_model=parallel" in out
 
 

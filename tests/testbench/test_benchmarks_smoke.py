@@ -65,7 +65,8 @@ def test_bench_device_swapin_smoke(run_dir: Path):
     run_benchmark("bench_device.py", "--guest-mib", "0", "--rss-sizes", "", "--swapin-mib", "16",
                   "--touches", "50", "--swapin-rounds", "1", "--bulk-mib", "0", "--results-dir", run_dir, timeout=300)
     table = (run_dir / "device.md").read_text()
-    for row in ("postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off) -> serve",
+    for row in ("postcopy: loop + nbdfuse + nbdkit + plugin (prefetch off, demand-store off) -> serve",
+                "postcopy, page stored before the answer (demand-store on)",
                 "C floor: loop + nbdfuse + nbdkit nbd (C) -> nbdkit memory (C)",
                 "postcopy, page already local: loop + nbdfuse + nbdkit + plugin (prefetched)",
                 "C one hop: loop + nbdfuse + nbdkit memory (C)"):
