@@ -319,7 +319,7 @@ class Device:
         swap_uuid: uuid_module.UUID | None = None,
         metrics: DeviceMetrics | None = None,
         warm: bool = False,
-        store_demand: bool = True,
+        demand_store: bool = True,
     ):
         if pages < 1:
             raise ValueError(f"pages must be at least 1, got {pages}")
@@ -346,7 +346,7 @@ class Device:
         self._zero = Bitmap(pages)  # guest pages the source reported as all zeros
         self._store = PageStore(cache_dir, self.slots)
         self._warmer = PageFileWarmer(self._store) if warm else None  # brings mapped slots' pages in while staging
-        self.store_demand = store_demand  # False: demand-fetched pages stay pending (the prefetcher stores them)
+        self.demand_store = demand_store  # False: demand-fetched pages stay pending (the prefetcher stores them)
 
         self.mapped = 0
         self.remaining = 0
@@ -728,7 +728,7 @@ class Device:
                 reason, sum(r.count for r in runs), runs[0].guest, type(exc).__name__, exc,
             )
             raise DeviceIOError(f"fetch from the source failed: {exc}") from exc
-        if reason == "demand" and not self.store_demand:
+        if reason == "demand" and not self.demand_store:
             self._count_unstored(datas)
             return
         with self._lock:

@@ -100,7 +100,7 @@ def config_complete():
             label=_config.label,
             swap_uuid=_config.uuid,
             warm=_config.warm,
-            store_demand=_config.demand_store,
+            demand_store=_config.demand_store,
         )
         if _config.replay:
             _replay = read_workingset(_config.replay, _config.pages)

@@ -266,7 +266,7 @@ def test_old_bytes_of_a_trimmed_slot_never_show_through_a_zero_page(tmp_path, co
 
 
 def test_without_demand_store_a_fetched_page_stays_pending_until_prefetched(tmp_path):
-    device, source = make_device(tmp_path, image=random_image(64, zero_pages=(5,)), store_demand=False)
+    device, source = make_device(tmp_path, image=random_image(64, zero_pages=(5,)), demand_store=False)
     stage(device, {1: 3, 2: 4, 3: 5})
     device.arm()
     for _ in range(2):  # fetched again: the first fetch kept nothing
