@@ -342,6 +342,7 @@ class Device:
         self._touched = Bitmap(self.slots)  # ever written or trimmed (reads of others are anomalies)
         self._has_data = Bitmap(self.slots)  # the page file may hold bytes here (else it is a hole)
         self._storing = Bitmap(self.slots)  # fetched pages being written to the page file, outside the lock
+        self._demand_unstored = Bitmap(self.slots)  # fetched on demand but not stored (demand_store off)
         self._stored = threading.Condition(self._lock)  # notified when a store ends
         self._zero = Bitmap(pages)  # guest pages the source reported as all zeros
         self._store = PageStore(cache_dir, self.slots)
@@ -357,6 +358,7 @@ class Device:
         self.source_errors = 0
         self.source_refusals = 0  # connections refused: a server that is not the same source
         self.fetched = {"demand": 0, "prefetch": 0}  # pages whose data came from the source
+        self.fetched_again = 0  # of them, pages the prefetcher stored after a demand fetch that kept no copy
         self.fetched_zero = 0  # pages fetched that were all zeros (a hole on the wire and in the page file)
         self.demand_source: PageSource | None = None
         self.source_connected = False
@@ -395,6 +397,7 @@ class Device:
                 "fetched_demand": self.fetched["demand"],
                 "fetched_prefetch": self.fetched["prefetch"],
                 "fetched_zero": self.fetched_zero,
+                "fetched_again": self.fetched_again,
                 "page_file_warmed": self._warmer.warmed if self._warmer is not None else 0,
             }
 
@@ -571,6 +574,7 @@ class Device:
             if self._pending.get(slot):
                 self._pending.clear(slot)
                 self.remaining -= 1
+        self._demand_unstored.clear(slot)
 
     def _forget_range(self, start: int, end: int) -> None:
         """_forget() of every slot in [start, end), in bulk."""
@@ -578,6 +582,7 @@ class Device:
         self._overlay.clear_range(start, end)
         self.remaining -= self._pending.count(start, end)
         self._pending.clear_range(start, end)
+        self._demand_unstored.clear_range(start, end)
         self.mapped -= end - start - self._guest[start:end].count(0)
         self._guest[start:end] = _NO_SLOTS[: end - start]
 
@@ -729,7 +734,7 @@ class Device:
             )
             raise DeviceIOError(f"fetch from the source failed: {exc}") from exc
         if reason == "demand" and not self.demand_store:
-            self._count_unstored(datas)
+            self._count_unstored(runs, datas)
             return
         with self._lock:
             claims = [claim for run, data in zip(runs, datas) for claim in self._claim_locked(run, data)]
@@ -749,6 +754,9 @@ class Device:
                     self._pending.clear_range(slot, slot + count)
                     self.remaining -= newly_local
                     data_pages = sum(end - start for start, end in data_ranges)
+                    if self._demand_unstored.find(slot, slot + count) >= 0:  # fetched on demand before
+                        self.fetched_again += sum(self._demand_unstored.count(start, end) for start, end in data_ranges)
+                        self._demand_unstored.clear_range(slot, slot + count)
                     stored += data_pages
                     zero += newly_local - data_pages
                 self.fetched[reason] += stored
@@ -758,13 +766,15 @@ class Device:
         self.metrics.fetched_bytes.inc(sum(len(d) for d in datas))
         self._check_complete()
 
-    def _count_unstored(self, datas: Sequence[memoryview]) -> None:
+    def _count_unstored(self, runs: Sequence[Run], datas: Sequence[memoryview]) -> None:
         """Count a demand fetch whose pages went to the kernel only: the slots stay pending, and the
         prefetcher, which pulls the fault's neighbourhood next, fetches and stores them (docs/DESIGN.md, "A
         demand fetch keeps no copy"). Storing a page cost the swap-in about a fifth of its time."""
         fetched = sum(len(data) for data in datas) // PAGE_SIZE
         data_pages = sum(end - start for data in datas for start, end, zero in zero_runs(data) if not zero) // PAGE_SIZE
         with self._lock:
+            for run in runs:
+                self._demand_unstored.set_range(run.slot, run.slot + run.count)
             self.fetched["demand"] += data_pages
             self.fetched_zero += fetched - data_pages
         self._fetched_counters["demand"].inc(data_pages)

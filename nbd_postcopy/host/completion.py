@@ -7,6 +7,10 @@ the target again, so pagemap shows it present: that is the per-page proof that i
 only in the swap cache still shows a swap entry). An optional rate cap paces the chunks so the target's
 own demand faults keep most of the device.
 
+With the device's control socket, completion then waits, as long as the device makes progress, until the
+device holds every page: while its prefetcher runs, the pages that completion's swap-ins fetched on demand
+are stored by the prefetcher afterwards.
+
 Pages on any swap device count: after completion the range has no swap entries at all, so swapoff of the
 postcopy device is quick. Completion does not swapoff; `scripts/setup-swap.sh detach` does that after.
 """
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1 << 20
 READAHEAD_CHUNKS = 8  # chunks whose swap-ins are in flight before the oldest is touched (8 MiB by default)
 PASSES = 3
+DEVICE_STALL_SECONDS = 2.0  # how long the device may make no progress before completion stops waiting for it
 
 
 class CompletionError(Exception):
@@ -163,7 +168,22 @@ def complete_range(pid: int, address: int, length: int, *, chunk_bytes: int = DE
         raise CompletionError(f"{len(remaining)} pages are still swapped out after {PASSES} passes: {shown}")
     if control:
         try:
-            report.device_complete = bool(request(control, "status").get("complete"))
+            report.device_complete = _wait_device_complete(control)
         except ControlError as exc:
             log.warning("%s", exc)
     return report
+
+
+def _wait_device_complete(control: str) -> bool:
+    """Whether the device holds every page locally, waiting while it makes progress: the pages that
+    completion's swap-ins fetched on demand are stored by the prefetcher afterwards (docs/DESIGN.md, "A
+    demand fetch keeps no copy")."""
+    last, since = None, time.monotonic()
+    while True:
+        status = request(control, "wait-local")  # answers at once when complete, else within 0.2 s
+        if status.get("complete"):
+            return True
+        if status.get("remaining") != last:
+            last, since = status.get("remaining"), time.monotonic()
+        elif time.monotonic() - since > DEVICE_STALL_SECONDS:
+            return False

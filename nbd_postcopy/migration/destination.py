@@ -208,6 +208,12 @@ def _destination_gone(pid: int) -> MigrateError:
                         "e.g. one that waited longer than the device's timeout, kills the guest)")
 
 
+def pages_without_fetch(status: dict) -> int:
+    """Guest pages whose data never crossed the wire (zero pages), from the device's `status`: a page
+    fetched on demand without a copy and fetched again by the prefetcher counts once."""
+    return status["pages"] - status["fetched_demand"] - status["fetched_prefetch"] + status["fetched_again"]
+
+
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,
                       check_alive: Callable[[], None],
                       on_status: Callable[[dict], None] | None = None,

@@ -276,7 +276,7 @@ def test_without_demand_store_a_fetched_page_stays_pending_until_prefetched(tmp_
     assert device.metrics.registry.get_sample_value("nbd_postcopy_pages_fetched_total", {"reason": "demand"}) == 4
     assert device._store.allocated_bytes() == 0
     device.fetch([Run(1, 3, 3)], source, "prefetch", 1.0)  # the prefetcher stores them
-    assert device.complete
+    assert device.complete and device.fetched["prefetch"] == 2 and device.fetched_again == 2
     source.down = True
     assert device.read(1 * P, 3 * P) == source.image[3 * P : 6 * P]
 
