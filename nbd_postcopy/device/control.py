@@ -30,7 +30,8 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 from ..common.linux import remove_stale_socket
 from ..common.ratelog import RateLimitedLog
@@ -175,3 +176,22 @@ def request(path: str, command: str, timeout: float = 5.0) -> dict:
         return json.loads(answer)
     except ValueError as exc:
         raise ControlError(f"control socket {path} answered {answer[:100]!r}, not JSON") from exc
+
+
+def statuses_until_local(ask: Callable[[str], dict], stall_seconds: float) -> Iterator[dict]:
+    """The device's status ("status" first, then "wait-local", which answers the moment every page is
+    local, else within 0.2 s), one after another, until every mapped page is local or `remaining` has
+    not moved for `stall_seconds`; the last one yielded tells which. `ask(command)` sends a command, e.g.
+    `lambda command: request(path, command)`."""
+    status = ask("status")
+    last, since = None, time.monotonic()
+    while True:
+        yield status
+        remaining = status["remaining"]
+        if remaining == 0:
+            return
+        if remaining != last:
+            last, since = remaining, time.monotonic()
+        elif time.monotonic() - since > stall_seconds:
+            return
+        status = ask("wait-local")

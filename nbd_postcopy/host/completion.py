@@ -26,7 +26,7 @@ from typing import TextIO
 
 from ..common import linux
 from ..common.units import PAGE_SIZE
-from ..device.control import ControlError, request
+from ..device.control import ControlError, request, statuses_until_local
 from ..common.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,6 @@ def _wait_device_complete(control: str) -> bool:
     """Whether the device holds every page locally, waiting while it makes progress: the pages that
     completion's swap-ins fetched on demand are stored by the prefetcher afterwards (docs/DESIGN.md, "A
     demand fetch keeps no copy")."""
-    last, since = None, time.monotonic()
-    while True:
-        status = request(control, "wait-local")  # answers at once when complete, else within 0.2 s
-        if status.get("complete"):
-            return True
-        if status.get("remaining") != last:
-            last, since = status.get("remaining"), time.monotonic()
-        elif time.monotonic() - since > DEVICE_STALL_SECONDS:
-            return False
+    for status in statuses_until_local(lambda command: request(control, command), DEVICE_STALL_SECONDS):
+        pass
+    return bool(status.get("complete"))

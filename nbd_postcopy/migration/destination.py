@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..common.linux import format_cpu_list, parse_cpu_list
 from ..common.progress import Progress
 from ..common.qmp import Qmp, VmError
+from ..device.control import statuses_until_local
 from ..host import attachment
 from .ram import RamRegion, ram_region_of
 
@@ -229,26 +230,19 @@ def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO
     after every status read; `on_status`, if given, sees every status read.
     Returns the last.
     """
-    status = device("status")
-    check_alive()
-    total = status["remaining"]
-    bar = Progress("fetching", total, quiet=quiet, stream=stream)
-    last, since = None, time.monotonic()
-    while (remaining := status["remaining"]) > 0:
+    bar = None
+    for status in statuses_until_local(device, stall_seconds):
+        check_alive()  # after every read: "every page local" is also what a dead QEMU's trimmed slots look like
+        if bar is None:
+            total = status["remaining"]
+            bar = Progress("fetching", total, quiet=quiet, stream=stream)
         if on_status is not None:
             on_status(status)
-        bar.update(total - remaining)
-        if remaining != last:
-            last, since = remaining, time.monotonic()
-        elif time.monotonic() - since > stall_seconds:
-            bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
-            return status
-        status = device("wait-local")  # answers the moment every page is local, else within 0.2 s
-        check_alive()  # after every read: "every page local" is also what a dead QEMU's trimmed slots look like
-    if on_status is not None:
-        on_status(status)
-    bar.update(total)
-    bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
+        bar.update(total - status["remaining"])
+    if status["remaining"] > 0:
+        bar.finish(f"no progress for {stall_seconds:g}s, completion fetches the rest")
+    else:
+        bar.finish(f"{status['fetched_demand']} on demand, {status['fetched_prefetch']} prefetched")
     return status
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nbd_postcopy.device.control import MAX_LINE, ControlError, ControlServer, request
+from nbd_postcopy.device.control import MAX_LINE, ControlError, ControlServer, request, statuses_until_local
 
 
 @pytest.fixture
@@ -130,3 +130,14 @@ def test_overlong_line_is_answered_and_closed(control):
         reader = sock.makefile("rb")
         assert json.loads(reader.readline()) == {"error": f"command longer than {MAX_LINE} bytes"}
         assert reader.readline() == b""
+
+
+def test_statuses_until_local_stops_when_every_page_is_local_or_progress_stalls():
+    asked = []
+    answers = iter([{"remaining": 5}, {"remaining": 3}, {"remaining": 3}, {"remaining": 0}])
+    statuses = statuses_until_local(lambda command: asked.append(command) or next(answers), stall_seconds=60)
+    assert [status["remaining"] for status in statuses] == [5, 3, 3, 0]
+    assert asked == ["status", "wait-local", "wait-local", "wait-local"]
+    # no progress since the previous status, and a stall allowance already spent: it gives up there
+    stuck = list(statuses_until_local(lambda command: {"remaining": 7}, stall_seconds=-1))
+    assert [status["remaining"] for status in stuck] == [7, 7]
