@@ -133,12 +133,20 @@ class AffinityWatch:
         while not self._stop.wait(0.02):
             for pid in processes_mentioning(self.needle):
                 try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if cmdline == Path(f"/proc/{_parent(pid)}/cmdline").read_bytes():
+                        continue  # a child between fork and exec (e.g. a library running `uname`), not a server
+                    argv = cmdline.split(b"\0")
                     kind = "nbdkit" if argv[0].endswith(b"nbdkit") else "serve" if b"serve" in argv else None
                     if kind:
                         self.last[kind].update(((pid, tid), cpus) for tid, cpus in thread_affinities(pid).items())
                 except OSError:  # it exited meanwhile
                     pass
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 def swaps_line(device: str) -> list[str]:

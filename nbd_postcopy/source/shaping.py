@@ -25,9 +25,6 @@ import re
 import socket
 import struct
 
-from pyroute2 import IPRoute, NetNS
-from pyroute2.netlink.exceptions import NetlinkError
-
 HANDLE = 0x50430000  # "5043:", i.e. "PC"
 ROOT_CLASS = HANDLE | 0x1
 DEMAND_CLASS = HANDLE | 0x10
@@ -66,6 +63,7 @@ def set_socket_role(sock: socket.socket, role: str | None) -> None:
 
 def interface_towards(address: str, netns: str | None = None) -> str:
     """The interface of the route to `address` (what --interface defaults to)."""
+    from pyroute2.netlink.exceptions import NetlinkError
     with _netlink(netns) as ip:
         try:
             route = ip.route("get", dst=address)[0]
@@ -91,6 +89,7 @@ class PrefetchShaping:
         self.remove()
 
     def install(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
         with _netlink(self.netns) as ip:
             index = self._index(ip)
             root = _root_qdisc(ip, index)
@@ -120,6 +119,7 @@ class PrefetchShaping:
         """Delete our root qdisc (and with it our classes), and nothing else."""
         if not self.installed:
             return
+        from pyroute2.netlink.exceptions import NetlinkError
         with _netlink(self.netns) as ip:
             try:
                 index = self._index(ip)
@@ -154,4 +154,8 @@ def _bps(bits: int) -> str:
 
 
 def _netlink(netns: str | None):
+    # pyroute2 is imported only here and where its errors are caught: its import runs `uname -p` and
+    # `file` as child processes (platform.uname(), platform.architecture()), which every page server
+    # would otherwise pay for at startup, shaping or not.
+    from pyroute2 import IPRoute, NetNS
     return NetNS(netns) if netns else IPRoute()
