@@ -652,7 +652,9 @@ class Device:
         untouched: list[int] = []
         end = first + count
         with self._lock:
-            self._wait_for_stores_locked(first, end)
+            # A slot being stored is still pending, so a read fetches it again rather than wait for the
+            # store, which can take tens of milliseconds (docs/DESIGN.md, "Fetched pages are written
+            # outside the device lock").
             # Swap-ins of whole clusters, in bulk: every slot mapped and local, or every slot waiting
             # for one run of consecutive guest pages. Anything else goes slot by slot.
             plain = self.armed and first > 0 and self._overlay.find(first, end) < 0
@@ -784,7 +786,7 @@ class Device:
         """The pieces of a fetched `run` to store: slots that still map to the same guest page, are not
         local yet and are not being stored by another fetch (a slot remapped, trimmed or overwritten while
         the fetch was in flight keeps its new state). They are marked as being stored: until the store
-        ends, writes and trims of those slots wait, and so do reads (_wait_for_stores_locked)."""
+        ends, writes and trims of those slots wait (_wait_for_stores_locked); reads fetch them again."""
         end = run.slot + run.count
         view = memoryview(data)
         if (self._pending.count(run.slot, end) == run.count and self._storing.find(run.slot, end) < 0
