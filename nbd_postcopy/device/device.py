@@ -368,7 +368,7 @@ class Device:
         self._fault_listeners: list[Callable[[int, float], None]] = []
         self._complete_logged = False
         self._completed = threading.Condition()  # notified whenever a change leaves every page local
-        self._fetched_counters = {reason: self.metrics.pages_fetched.labels(reason=reason) for reason in self.fetched}
+        self.fetched_bytes = 0  # bytes received from the source, zero pages and pages fetched again included
         self.watch_metrics()
 
     # --- state --------------------------------------------------------------------------------
@@ -411,6 +411,11 @@ class Device:
         m.prefetch_progress.set_function(lambda: 1.0 - self.remaining / self.mapped if self.mapped else 1.0)
         m.complete.set_function(lambda: int(self.complete))
         m.armed.set_function(lambda: int(self.armed))
+        m.fetches.read = self._fetch_counts
+
+    def _fetch_counts(self) -> tuple[dict[str, int], int]:
+        with self._lock:
+            return dict(self.fetched), self.fetched_bytes
 
     def guest_of(self, slot: int) -> int | None:
         value = self._guest[slot]
@@ -763,24 +768,28 @@ class Device:
                     zero += newly_local - data_pages
                 self.fetched[reason] += stored
                 self.fetched_zero += zero
+                self.fetched_bytes += sum(len(d) for d in datas)
                 self._stored.notify_all()
-        self._fetched_counters[reason].inc(stored)
-        self.metrics.fetched_bytes.inc(sum(len(d) for d in datas))
         self._check_complete()
 
     def _count_unstored(self, runs: Sequence[Run], datas: Sequence[memoryview]) -> None:
         """Count a demand fetch whose pages went to the kernel only: the slots stay pending, and the
         prefetcher, which pulls the fault's neighbourhood next, fetches and stores them (docs/DESIGN.md, "A
         demand fetch keeps no copy"). Storing a page cost the swap-in about a fifth of its time."""
-        fetched = sum(len(data) for data in datas) // PAGE_SIZE
-        data_pages = sum(end - start for data in datas for start, end, zero in zero_runs(data) if not zero) // PAGE_SIZE
+        fetched = data_pages = 0
+        for data in datas:
+            fetched += len(data)
+            for start, end, zero in zero_runs(data):
+                if not zero:
+                    data_pages += end - start
+        fetched //= PAGE_SIZE
+        data_pages //= PAGE_SIZE
         with self._lock:
             for run in runs:
                 self._demand_unstored.set_range(run.slot, run.slot + run.count)
             self.fetched["demand"] += data_pages
             self.fetched_zero += fetched - data_pages
-        self._fetched_counters["demand"].inc(data_pages)
-        self.metrics.fetched_bytes.inc(fetched * PAGE_SIZE)
+            self.fetched_bytes += fetched * PAGE_SIZE
 
     def _claim_locked(self, run: Run, data) -> list[tuple[int, memoryview]]:
         """The pieces of a fetched `run` to store: slots that still map to the same guest page, are not

@@ -2,26 +2,54 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Callable
 
-from ..common.metrics import LATENCY_BUCKETS
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+
+from ..common.metrics import LatencyHistogram
+
+REASONS = ("demand", "prefetch")
+
+
+class FetchCounters:
+    """Pages and bytes fetched from the source: counted by the device in plain integers under its own lock,
+    on every fetch, and read when scraped (`read` returns ({reason: pages}, bytes); Device.watch_metrics
+    sets it). A prometheus_client counter per fetch cost the demand path two more locked updates."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.read: Callable[[], tuple[dict[str, int], int]] = lambda: (dict.fromkeys(REASONS, 0), 0)
+        registry.register(self)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return self._families(dict.fromkeys(REASONS, 0), 0)
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return self._families(*self.read())
+
+    @staticmethod
+    def _families(pages: dict[str, int], fetched_bytes: int) -> list[CounterMetricFamily]:
+        by_reason = CounterMetricFamily("nbd_postcopy_pages_fetched", "Pages fetched from the source",
+                                        labels=["reason"])
+        for reason in REASONS:
+            by_reason.add_metric([reason], pages[reason])
+        return [by_reason, CounterMetricFamily("nbd_postcopy_fetched_bytes", "Bytes fetched from the source",
+                                               value=fetched_bytes)]
 
 
 class DeviceMetrics:
-    """Metrics of the destination device (plugin/postcopy.py). Gauges read the device's state when
-    scraped (see Device.watch_metrics); counters and the histogram are updated on the I/O paths."""
+    """Metrics of the destination device (plugin/postcopy.py). Gauges and the fetch counters read the
+    device's state when scraped (see Device.watch_metrics); the other counters and the histogram are
+    updated where things happen."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.fault_seconds = Histogram(
+        self.fault_seconds = LatencyHistogram(
             "nbd_postcopy_fault_seconds", "Time to serve a read that needed a demand fetch from the source",
-            buckets=LATENCY_BUCKETS, registry=r,
+            registry=r,
         )
-        self.pages_fetched = Counter(
-            "nbd_postcopy_pages_fetched", "Pages fetched from the source", ["reason"], registry=r
-        )
-        self.fetched_bytes = Counter("nbd_postcopy_fetched_bytes", "Bytes fetched from the source", registry=r)
+        self.fetches = FetchCounters(r)
         self.anomalies = Counter(
             "nbd_postcopy_anomalies", "Unexpected requests (e.g. reads of never-written slots)", ["kind"], registry=r
         )
@@ -57,7 +85,5 @@ class DeviceMetrics:
             "nbd_postcopy_complete", "1 once every mapped page is local (the source can be released)", registry=r
         )
         self.armed = Gauge("nbd_postcopy_armed", "1 once reads of mapped slots fetch from the source", registry=r)
-        for reason in ("demand", "prefetch"):
-            self.pages_fetched.labels(reason=reason)
         for kind in ("unmapped_read", "invalid_marker"):
             self.anomalies.labels(kind=kind)

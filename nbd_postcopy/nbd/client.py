@@ -51,7 +51,8 @@ IDLE_CHECK = 0.5  # how often the reader thread looks at an idle connection
 _FOLLOWER_POLL = 0.05  # a waiting caller re-checks whether it should read this often
 _RECV_SIZE = 1 << 20  # bytes taken off the socket at most per read, into a buffer allocated once per link
 # A blocking receive of the rest of a reply returns after this long without data (then deadlines are checked).
-_RCVTIMEO = struct.pack("ll", 0, 50_000)  # struct timeval: 50 ms
+_RCVTIMEO_SECONDS = 0.05  # how long a plaintext socket's recv() blocks at most
+_RCVTIMEO = struct.pack("ll", 0, int(_RCVTIMEO_SECONDS * 1e6))  # as a struct timeval
 
 
 class SourceUnavailable(Exception):
@@ -417,8 +418,9 @@ class SourceClient:
 
     # reading (by whichever thread holds _read_lock)
     def _read_step(self, wait: float | None) -> bool:
-        """Wait up to `wait` seconds for replies and dispatch them. False if the link is down (or lost
-        now); True otherwise, whether or not anything arrived."""
+        """Wait for replies, up to `wait` seconds (or less: a plaintext socket's recv() gives up after
+        SO_RCVTIMEO), and dispatch them. False if the link is down (or lost now); True otherwise, whether
+        or not anything arrived."""
         link = self._link
         if link is None or not link.alive:
             return False
@@ -432,6 +434,8 @@ class SourceClient:
                     received = sock.recv_into(buffer)
             elif link.wanted:  # the rest of a reply is on its way: take it in one call (SO_RCVTIMEO bounds it)
                 received = sock.recv_into(buffer, link.wanted, socket.MSG_WAITALL)
+            elif wait is None or wait >= _RCVTIMEO_SECONDS:  # no select() first: SO_RCVTIMEO bounds the wait
+                received = sock.recv_into(buffer)
             else:
                 if not select.select([sock], [], [], wait)[0]:
                     return True

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..common.metrics import LATENCY_BUCKETS
+from ..common.metrics import LatencyHistogram
 
 
 class ServerMetrics:
@@ -20,10 +20,10 @@ class ServerMetrics:
         )
         self.requests_by_command = {c: self.requests.labels(command=c) for c in self.COMMANDS}
         self.read_bytes = Counter("nbd_postcopy_server_read_bytes", "Bytes served to READ requests", registry=r)
-        self.request_seconds = Histogram(
+        self.request_seconds = LatencyHistogram(
             "nbd_postcopy_server_request_seconds",
             "Time from receiving a request to queueing its reply (includes waiting for the freeze gate)",
-            buckets=LATENCY_BUCKETS, registry=r,
+            registry=r,
         )
         self.clients = Gauge("nbd_postcopy_server_clients", "Connected NBD clients", registry=r)
         self.gate_open = Gauge("nbd_postcopy_server_gate_open", "1 once the freeze gate is open", registry=r)
