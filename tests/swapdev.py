@@ -103,6 +103,7 @@ class AffinityWatch:
     def __init__(self, needle: str):
         self.needle = needle
         self.last: dict[str, dict[tuple[int, int], frozenset[int]]] = {"nbdkit": {}, "serve": {}}
+        self.argvs: dict[str, list[list[str]]] = {"nbdkit": [], "serve": []}  # each process's command line, once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -139,6 +140,8 @@ class AffinityWatch:
                     argv = cmdline.split(b"\0")
                     kind = "nbdkit" if argv[0].endswith(b"nbdkit") else "serve" if b"serve" in argv else None
                     if kind:
+                        if not any(pid == owner for owner, _ in self.last[kind]):
+                            self.argvs[kind].append([arg.decode() for arg in argv if arg])
                         self.last[kind].update(((pid, tid), cpus) for tid, cpus in thread_affinities(pid).items())
                 except OSError:  # it exited meanwhile
                     pass

@@ -75,10 +75,23 @@ def test_prefetch_cpus_it_may_not_use_are_usage_errors(args, text):
     one_line_error(run(*args), 2, text)
 
 
-def test_prefetch_cpus_with_to_says_where_it_goes():
-    result = run("migrate", "--source-qmp", "a", "--to", "tcp:127.0.0.1:1", "--prefetch-cpus", "0")
-    one_line_error(result, 1, "--prefetch-cpus goes with --destination-qmp; with --to, give it to "
-                              "`nbd-postcopy receive`, where the prefetcher runs")
+@pytest.mark.parametrize("option", [["--prefetch-cpus", "0"], ["--device-key", "warm=off"]])
+def test_prefetch_cpus_or_device_keys_with_to_say_where_they_go(option):
+    result = run("migrate", "--source-qmp", "a", "--to", "tcp:127.0.0.1:1", *option)
+    one_line_error(result, 1, "--prefetch-cpus and --device-key go with --destination-qmp; with --to, give them "
+                              "to `nbd-postcopy receive`, where the device and its prefetcher run")
+
+
+@pytest.mark.parametrize("command", [["migrate", "--source-qmp", "a", "--destination-qmp", "b"],
+                                     ["receive", "--qmp", "a", "--listen", "tcp:127.0.0.1:1"],
+                                     ["restore", "dir", "--qmp", "a"]])
+@pytest.mark.parametrize("key, text", [
+    ("demand-store=yes", "argument --device-key: demand-store=yes: must be one of on, off"),
+    ("key=/etc/passwd", "argument --device-key: key= cannot be given here (the command sets it itself); "
+                        "--device-key takes cache-dir, warm, demand-store, headroom, timeout, label"),
+])
+def test_a_bad_device_key_is_a_usage_error(command, key, text):
+    one_line_error(run(*command, "--device-key", key), 2, text)
 
 
 def test_restore_of_a_directory_that_is_no_snapshot_says_so_before_it_talks_to_qemu(run_dir):

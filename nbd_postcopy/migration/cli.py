@@ -13,7 +13,7 @@ from ..common.command import CommandError, option_type
 from ..common.units import parse_tcp_listen
 from ..source.shaping import parse_rate
 from .channel import ChannelError, TlsFiles
-from .destination import PREFETCH_CPUS_HELP, check_prefetch_cpus
+from .destination import DEVICE_KEY_HELP, PREFETCH_CPUS_HELP, check_prefetch_cpus, device_key
 from .migrate import MigrateError, MigrateOptions, migrate
 from .send import SendOptions, migrate_to
 from .ram import RAM_ID
@@ -84,6 +84,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: a new directory under $TMPDIR or /tmp, removed unless it holds a swap device)")
     parser.add_argument("--prefetch-cpus", type=option_type(check_prefetch_cpus), metavar="auto|all|LIST",
                         help=PREFETCH_CPUS_HELP + " (with --to, give it to receive, where the prefetcher runs)")
+    parser.add_argument("--device-key", dest="device_keys", action="append", default=[],
+                        type=option_type(device_key), metavar="KEY=VALUE",
+                        help=DEVICE_KEY_HELP + " (with --to, give it to receive, where the device is)")
     parser.add_argument("--keep-source", action="store_true",
                         help="do not quit the source QEMU after every page is local")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
@@ -103,15 +106,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--tls-*, --page-listen, --prefetch-bandwidth and --interface go with --to")
     report = in_work_dir(args.work_dir, "nbdpc-mig-", lambda work_dir: migrate(MigrateOptions(
         args.source_qmp, args.destination_qmp, work_dir, memdev=args.memdev, release_source=not args.keep_source,
-        prefetch_cpus=args.prefetch_cpus or "auto", quiet=args.quiet)))
+        prefetch_cpus=args.prefetch_cpus or "auto", device_keys=tuple(args.device_keys), quiet=args.quiet)))
     print(report.summary())
     return 0
 
 
 def _run_to(args: argparse.Namespace) -> int:
-    if args.prefetch_cpus:
-        raise CommandError("--prefetch-cpus goes with --destination-qmp; with --to, give it to "
-                           "`nbd-postcopy receive`, where the prefetcher runs")
+    if args.prefetch_cpus or args.device_keys:
+        raise CommandError("--prefetch-cpus and --device-key go with --destination-qmp; with --to, give them to "
+                           "`nbd-postcopy receive`, where the device and its prefetcher run")
     try:
         tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     except ChannelError as exc:

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..common.linux import format_cpu_list, parse_cpu_list
 from ..common.progress import Progress
 from ..common.qmp import Qmp, VmError
+from ..device.config import KEYS as PLUGIN_KEYS
+from ..device.config import ConfigError, PluginConfig
 from ..device.control import statuses_until_local
 from ..host import attachment
 from .ram import RamRegion, ram_region_of
@@ -42,6 +44,41 @@ PREFETCH_CPUS_HELP = (
     "auto (the default): the last CPU this process may use, if it may use two or more, so that the guest's vCPUs and its "
     "swap-ins keep the others; all: any CPU; or a list in the kernel's format (e.g. 3, or 2-3). Give migrations "
     "and restores that run at the same time on one host different CPUs")
+
+
+# Plugin keys that --device-key may set on a migration's (or a restore's) device; the command sets the others.
+DEVICE_KEYS = ("cache-dir", "warm", "demand-store", "headroom", "timeout", "label")
+DEVICE_KEY_HELP = (
+    "a plugin key for the destination device, KEY=VALUE, repeatable: " + ", ".join(f"{key}=" for key in DEVICE_KEYS)
+    + " (README, \"The plugin\"; e.g. cache-dir=/srv/scratch for the page file, which grows to the guest's size, "
+    "or warm=off)")
+
+
+def device_key(text: str) -> str:
+    """A --device-key KEY=VALUE, checked as the plugin checks its keys; ValueError says what is wrong."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ValueError(f"{text!r}: give KEY=VALUE, e.g. warm=off")
+    if key not in DEVICE_KEYS:
+        why = "the command sets it itself" if key in PLUGIN_KEYS else "there is no such plugin key"
+        raise ValueError(f"{key}= cannot be given here ({why}); --device-key takes {', '.join(DEVICE_KEYS)}")
+    try:
+        PluginConfig().set(key, value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def with_device_keys(keys: list[str], extra: tuple[str, ...]) -> list[str]:
+    """The command's own plugin `keys`, then the user's --device-key ones (each key at most once)."""
+    given = {key.partition("=")[0] for key in keys}
+    for item in extra:
+        key = item.partition("=")[0]
+        if key in given:
+            raise MigrateError(f"--device-key {item}: {key}= is given twice (by another --device-key, or by an "
+                               "option of the command)")
+        given.add(key)
+    return [*keys, *extra]
 
 
 def prefetch_cpus(choice: str = "auto") -> frozenset[int] | None:

@@ -64,6 +64,7 @@ from .destination import (  # (the tests import some of them from here)
     wait_for_prefetch,
     wait_gone as _wait_gone,
     wait_migration_completed,
+    with_device_keys,
 )
 from .ram import RAM_ID, RamRegion
 from ..common.qmp import Qmp, QmpEvent, VmError, seconds_between
@@ -82,6 +83,7 @@ class MigrateOptions:
     memdev: str = RAM_ID  # the memory backend holding guest RAM, on both sides
     release_source: bool = True  # quit the source QEMU once every page is local
     prefetch_cpus: str = "auto"  # where the prefetcher and the page server run (destination.prefetch_cpus)
+    device_keys: tuple[str, ...] = ()  # more plugin keys for the device (destination.DEVICE_KEYS)
     quiet: bool = False
     stream: TextIO | None = None  # progress and step lines (default stderr)
 
@@ -412,7 +414,7 @@ class _Migration(PhasedDriver):
         keys = [f"source=nbd+unix:///?socket={self.socket}", f"size={size}", f"key={key}",
                 f"metrics=127.0.0.1:{self.metrics_port}", *prefetch_cpus_key(self.prefetch_cpus)]
         self.say(f"attaching the destination swap device ({self.swap_name})")
-        self._attach_device(keys)
+        self._attach_device(with_device_keys(keys, self.o.device_keys))
 
     def _switch_over(self, source: Qmp, destination: Qmp) -> tuple[float, QmpEvent, QmpEvent, dict]:
         for qmp in (source, destination):

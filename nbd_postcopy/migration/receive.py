@@ -53,6 +53,7 @@ from .destination import (
     prefetch_cpus_key,
     wait_for_prefetch,
     wait_gone,
+    with_device_keys,
 )
 from .ram import RAM_ID, RamRegion
 
@@ -84,6 +85,7 @@ class ReceiveOptions:
     memdev: str = RAM_ID
     timeout: float | None = None  # the plugin's timeout=: how long a swap-in waits for an unreachable source
     prefetch_cpus: str = "auto"  # where the prefetcher runs (destination.prefetch_cpus)
+    device_keys: tuple[str, ...] = ()  # more plugin keys for the device (destination.DEVICE_KEYS)
     quiet: bool = False
     stream: TextIO | None = None
 
@@ -231,7 +233,7 @@ class Receiver(StepDriver):
             keys.append(f"timeout={self.o.timeout:g}")
         keys += prefetch_cpus_key(prefetch_cpus(self.o.prefetch_cpus))
         self.say(f"attaching the swap device ({self.swap_name}), source {uri.split('?')[0]} (instance {instance})")
-        swap = attach_device(keys, self.swap_name, self.swap_state)
+        swap = attach_device(with_device_keys(keys, self.o.device_keys), self.swap_name, self.swap_state)
         self.control = Path(swap.state.control)
         return swap.state.device
 

@@ -9,7 +9,7 @@ from ..common.command import CommandError, option_type
 from ..common.units import parse_number, parse_tcp_listen
 from .channel import ChannelError, TlsFiles
 from .cli import make_work_dir, release_work_dir
-from .destination import PREFETCH_CPUS_HELP, check_prefetch_cpus
+from .destination import DEVICE_KEY_HELP, PREFETCH_CPUS_HELP, check_prefetch_cpus, device_key
 from .migrate import MigrateError
 from .ram import RAM_ID
 from .receive import ReceiveOptions, receive
@@ -53,6 +53,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "guest (the device's timeout=, default 60); keep it long in production")
     parser.add_argument("--prefetch-cpus", type=option_type(check_prefetch_cpus), default="auto",
                         metavar="auto|all|LIST", help=PREFETCH_CPUS_HELP)
+    parser.add_argument("--device-key", dest="device_keys", action="append", default=[],
+                        type=option_type(device_key), metavar="KEY=VALUE", help=DEVICE_KEY_HELP)
     parser.add_argument("--memdev", default=RAM_ID, metavar="ID",
                         help=f"id of the memory backend holding guest RAM (default {RAM_ID})")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     work_dir = make_work_dir(args.work_dir, "nbdpc-rcv-")
     options = ReceiveOptions(args.qmp, args.listen.host, args.listen.port, work_dir, tls=tls, memdev=args.memdev, quiet=args.quiet,
-                             timeout=args.timeout, prefetch_cpus=args.prefetch_cpus)
+                             timeout=args.timeout, prefetch_cpus=args.prefetch_cpus,
+                             device_keys=tuple(args.device_keys))
     try:
         report = receive(options)
     except (MigrateError, ChannelError) as exc:

@@ -58,6 +58,7 @@ from .destination import (
     serve_cpus_args,
     wait_for_prefetch,
     wait_gone,
+    with_device_keys,
 )
 from .migrate import Phase, PhasedDriver, Policy
 from .pageserver import PageServerError, PageServerProcess
@@ -84,6 +85,7 @@ class RestoreOptions:
     replay: bool = True  # prefetch the snapshot's recorded working set first, if it has one
     record: bool = True  # save the first demand faults as the snapshot's working set
     prefetch_cpus: str = "auto"  # where the prefetcher and the page server run (destination.prefetch_cpus)
+    device_keys: tuple[str, ...] = ()  # more plugin keys for the device (destination.DEVICE_KEYS)
     quiet: bool = False
     stream: TextIO | None = None
 
@@ -339,7 +341,7 @@ class _Restore(PhasedDriver):
             keys.append(f"replay={self.snapshot / snapshotdir.WORKINGSET}")
         self.say(f"attaching the swap device ({self.swap_name})"
                  + (f", replaying a working set of {len(replay)} pages" if replay else ""))
-        self._attach_device(keys)
+        self._attach_device(with_device_keys(keys, self.o.device_keys))
 
     def _wait_for_replay(self) -> float:
         """Let the prefetcher pull the recorded working set before the guest runs (REAP's eager part)."""

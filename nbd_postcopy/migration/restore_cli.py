@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common.command import option_type
 from .cli import in_work_dir
-from .destination import PREFETCH_CPUS_HELP, check_prefetch_cpus
+from .destination import DEVICE_KEY_HELP, PREFETCH_CPUS_HELP, check_prefetch_cpus, device_key
 from .restore import RestoreOptions, restore
 
 HELP = "resume a snapshot in a QEMU started with -incoming defer; its RAM arrives on demand"
@@ -47,12 +47,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not save the working set in DIR/workingset")
     parser.add_argument("--prefetch-cpus", type=option_type(check_prefetch_cpus), default="auto",
                         metavar="auto|all|LIST", help=PREFETCH_CPUS_HELP)
+    parser.add_argument("--device-key", dest="device_keys", action="append", default=[],
+                        type=option_type(device_key), metavar="KEY=VALUE", help=DEVICE_KEY_HELP)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the final report")
 
 
 def run(args: argparse.Namespace) -> int:
     report = in_work_dir(args.work_dir, "nbdpc-rst-", lambda work_dir: restore(RestoreOptions(
         args.directory, args.qmp, work_dir, replay=not args.no_replay, record=not args.no_record,
-        prefetch_cpus=args.prefetch_cpus, quiet=args.quiet)))
+        prefetch_cpus=args.prefetch_cpus, device_keys=tuple(args.device_keys), quiet=args.quiet)))
     print(report.summary())
     return 0

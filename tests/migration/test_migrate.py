@@ -68,11 +68,16 @@ def test_migrate_the_checker_guest(guest_image, run_dir, swap_lock):
     source, destination = _vm_pair(guest_image, run_dir, 256, append)
     with source, destination:
         source.console.wait_for(PassOk, timeout=60)
+        pages = run_dir / "pages"
+        pages.mkdir()
+        device_keys = (f"cache-dir={pages}", "warm=off")
         with AffinityWatch(str(run_dir / "mig")) as watch:
             report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
-                                            run_dir / "mig", quiet=True))
+                                            run_dir / "mig", device_keys=device_keys, quiet=True))
         assert report.guest_bytes == 256 * MIB
         watch.check_auto(page_server_too=True)  # one host: the page server is prefetch work too
+        [nbdkit] = watch.argvs["nbdkit"]
+        assert set(device_keys) <= set(nbdkit), nbdkit  # --device-key reached the plugin
         assert report.device_state_bytes < 16 * MIB, "guest RAM must not travel in QEMU's stream"
         assert report.source_released
         assert report.pages_demand + report.pages_prefetch > 0

@@ -203,6 +203,22 @@ def test_a_destination_whose_qmp_drops_is_waited_for_and_reported_as_what_it_is(
         check_destination_alive(_LostQmp(), 200)
 
 
+def test_device_keys_are_checked_as_the_plugin_checks_them_and_given_once(tmp_path):
+    assert destination_module.device_key("warm=off") == "warm=off"
+    assert destination_module.device_key(f"cache-dir={tmp_path}") == f"cache-dir={tmp_path}"
+    for text, message in [("warm", "give KEY=VALUE"), ("warm=maybe", "warm=maybe: must be one of on, off"),
+                          ("source=nbd://x", "source= cannot be given here \\(the command sets it itself\\)"),
+                          ("colour=red", "colour= cannot be given here \\(there is no such plugin key\\)"),
+                          ("cache-dir=/no/such/dir", "not a writable directory")]:
+        with pytest.raises(ValueError, match=message):
+            destination_module.device_key(text)
+    keys = ["source=x", "timeout=5"]
+    assert destination_module.with_device_keys(keys, ("warm=off",)) == [*keys, "warm=off"]
+    for extra in [("timeout=9",), ("warm=off", "warm=on")]:
+        with pytest.raises(MigrateError, match="is given twice"):
+            destination_module.with_device_keys(keys, extra)
+
+
 def test_prefetch_cpus_auto_is_the_last_cpu_of_two_or_more(monkeypatch):
     monkeypatch.setattr(destination_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert destination_module.prefetch_cpus("auto") == {3}
