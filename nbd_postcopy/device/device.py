@@ -657,11 +657,10 @@ class Device:
         untouched: list[int] = []
         end = first + count
         with self._lock:
-            # A slot being stored is still pending, so a read fetches it again rather than wait for the
-            # store, which can take tens of milliseconds (docs/DESIGN.md, "Fetched pages are written
-            # outside the device lock").
             # Swap-ins of whole clusters, in bulk: every slot mapped and local, or every slot waiting
-            # for one run of consecutive guest pages. Anything else goes slot by slot.
+            # for one run of consecutive guest pages. Anything else goes slot by slot. A slot being
+            # stored is still pending: it is fetched again rather than waited for (docs/DESIGN.md,
+            # "Fetched pages are written outside the device lock").
             plain = self.armed and first > 0 and self._overlay.find(first, end) < 0
             waiting = self._pending.count(first, end) if plain else -1
             local = waiting == 0 and 0 not in self._guest[first:end]

@@ -40,7 +40,7 @@ from ..nbd.protocol import (
     TransmissionStarted,
 )
 from ..nbd.server_core import ServerConnection
-from .shaping import set_socket_role
+from .priority import set_socket_role
 from .sources import Source
 from ..nbd.wire import REQUEST, Errno
 

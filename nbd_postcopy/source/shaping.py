@@ -12,7 +12,7 @@ behind megabytes of them. This installs, as the interface's root qdisc:
         class 5043:20  prefetch: prio 1, rate = ceil = RATE
 
 The page server puts each connection's socket into a class with SO_PRIORITY, which HTB honours when it
-equals one of its class ids (`socket_priority(role)`); the plugin names each connection's role in the
+equals one of its class ids (`priority.py`); the plugin names each connection's role in the
 handshake. It refuses without CAP_NET_ADMIN, or when the interface already has a root qdisc that someone
 configured (a default root qdisc, handle 0:, is replaced and comes back by itself), and it removes
 exactly what it installed. See docs/DESIGN.md, "Demand before prefetch on the wire".
@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import errno
 import re
-import socket
 import struct
 
-HANDLE = 0x50430000  # "5043:", i.e. "PC"
-ROOT_CLASS = HANDLE | 0x1
-DEMAND_CLASS = HANDLE | 0x10
-PREFETCH_CLASS = HANDLE | 0x20
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .priority import DEMAND_CLASS, HANDLE, PREFETCH_CLASS, ROOT_CLASS
+
 LINK_CEIL = 32_000_000_000  # bits/s: above any link we shape, and within HTB's 32-bit byte rate
-_PRIORITIES = {"demand": DEMAND_CLASS, "prefetch": PREFETCH_CLASS}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps)?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -50,20 +49,8 @@ def parse_rate(text: str) -> int:
     return int(value)
 
 
-def socket_priority(role: str | None) -> int | None:
-    """The SO_PRIORITY that puts a connection of `role` into its class (None: leave the socket alone)."""
-    return _PRIORITIES.get(role or "")
-
-
-def set_socket_role(sock: socket.socket, role: str | None) -> None:
-    priority = socket_priority(role)
-    if priority is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, priority)
-
-
 def interface_towards(address: str, netns: str | None = None) -> str:
     """The interface of the route to `address` (what --interface defaults to)."""
-    from pyroute2.netlink.exceptions import NetlinkError
     with _netlink(netns) as ip:
         try:
             route = ip.route("get", dst=address)[0]
@@ -89,7 +76,6 @@ class PrefetchShaping:
         self.remove()
 
     def install(self) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
         with _netlink(self.netns) as ip:
             index = self._index(ip)
             root = _root_qdisc(ip, index)
@@ -119,7 +105,6 @@ class PrefetchShaping:
         """Delete our root qdisc (and with it our classes), and nothing else."""
         if not self.installed:
             return
-        from pyroute2.netlink.exceptions import NetlinkError
         with _netlink(self.netns) as ip:
             try:
                 index = self._index(ip)
@@ -154,8 +139,4 @@ def _bps(bits: int) -> str:
 
 
 def _netlink(netns: str | None):
-    # pyroute2 is imported only here and where its errors are caught: its import runs `uname -p` and
-    # `file` as child processes (platform.uname(), platform.architecture()), which every page server
-    # would otherwise pay for at startup, shaping or not.
-    from pyroute2 import IPRoute, NetNS
     return NetNS(netns) if netns else IPRoute()

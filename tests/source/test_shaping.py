@@ -11,16 +11,8 @@ import pytest
 from pyroute2 import NetNS
 
 from nbd_postcopy.nbd.client import SourceClient
-from nbd_postcopy.source.shaping import (
-    DEMAND_CLASS,
-    HANDLE,
-    PREFETCH_CLASS,
-    PrefetchShaping,
-    ShapingError,
-    interface_towards,
-    parse_rate,
-    socket_priority,
-)
+from nbd_postcopy.source.priority import DEMAND_CLASS, HANDLE, PREFETCH_CLASS, socket_priority
+from nbd_postcopy.source.shaping import PrefetchShaping, ShapingError, interface_towards, parse_rate
 from tests.netns import two_hosts
 from tests.servers import write_image
 
