@@ -4,7 +4,8 @@ The client sends a command name on one line; the server answers one JSON object 
 the connection open for more. Commands (see plugin/postcopy.py):
 
     status   the device state: {"armed", "pages", "slots", "mapped", "local", "overlay_pages",
-             "remaining", "complete", "anomalies", "source_connected", "fetched_demand", ...}
+             "remaining", "complete", "anomalies", "source_connected", "fetched_demand", ...}:
+             README.md lists them all
     arm      start fetching from the source: {"ok": true, "armed": true}
     wait-local  the status, as soon as every page is local or after 0.2 s, whichever comes first
              (so a driver learns the moment it can release the source without polling)

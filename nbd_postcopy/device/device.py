@@ -360,6 +360,7 @@ class Device:
         self.fetched = {"demand": 0, "prefetch": 0}  # pages whose data came from the source
         self.fetched_again = 0  # of them, pages the prefetcher stored after a demand fetch that kept no copy
         self.fetched_zero = 0  # pages fetched that were all zeros (a hole on the wire and in the page file)
+        self.settled_zero = 0  # pages made local with no fetch: the source reported them all zeros
         self.demand_source: PageSource | None = None
         self.source_connected = False
         self.reconnects = 0  # times the demand connection came back after it was lost
@@ -398,6 +399,8 @@ class Device:
                 "fetched_prefetch": self.fetched["prefetch"],
                 "fetched_zero": self.fetched_zero,
                 "fetched_again": self.fetched_again,
+                "settled_zero": self.settled_zero,
+                "fetched_bytes": self.fetched_bytes,
                 "page_file_warmed": self._warmer.warmed if self._warmer is not None else 0,
             }
 
@@ -552,6 +555,9 @@ class Device:
                         pending ^= low
                 self._pending.clear_word(start, settled)
                 self.remaining -= settled.bit_count()
+                unstored = self._demand_unstored.word(start, count) & settled  # those crossed the wire already
+                self._demand_unstored.clear_word(start, unstored)
+                self.settled_zero += settled.bit_count() - unstored.bit_count()
         self._check_complete()
 
     def _check_complete(self) -> None:
@@ -601,7 +607,9 @@ class Device:
             self._has_data.clear(slot)
         self._guest[slot] = guest + 1
         self.mapped += 1
-        if not (self.armed and self._zero.get(guest)):
+        if self.armed and self._zero.get(guest):
+            self.settled_zero += 1
+        else:
             self._pending.set(slot)
             self.remaining += 1
 
@@ -760,11 +768,14 @@ class Device:
                     self._pending.clear_range(slot, slot + count)
                     self.remaining -= newly_local
                     data_pages = sum(end - start for start, end in data_ranges)
+                    zero_pages = newly_local - data_pages
                     if self._demand_unstored.find(slot, slot + count) >= 0:  # fetched on demand before
-                        self.fetched_again += sum(self._demand_unstored.count(start, end) for start, end in data_ranges)
+                        again = sum(self._demand_unstored.count(start, end) for start, end in data_ranges)
+                        self.fetched_again += again
+                        zero_pages -= self._demand_unstored.count(slot, slot + count) - again  # counted then
                         self._demand_unstored.clear_range(slot, slot + count)
                     stored += data_pages
-                    zero += newly_local - data_pages
+                    zero += zero_pages
                 self.fetched[reason] += stored
                 self.fetched_zero += zero
                 self.fetched_bytes += sum(len(d) for d in datas)
@@ -775,20 +786,17 @@ class Device:
         """Count a demand fetch whose pages went to the kernel only: the slots stay pending, and the
         prefetcher, which pulls the fault's neighbourhood next, fetches and stores them (docs/DESIGN.md, "A
         demand fetch keeps no copy"). Storing a page cost the swap-in about a fifth of its time."""
-        fetched = data_pages = 0
-        for data in datas:
-            fetched += len(data)
-            for start, end, zero in zero_runs(data):
-                if not zero:
-                    data_pages += end - start
-        fetched //= PAGE_SIZE
-        data_pages //= PAGE_SIZE
+        pieces = [(run.slot + start // PAGE_SIZE, run.slot + -(-end // PAGE_SIZE), zero)
+                  for run, data in zip(runs, datas) for start, end, zero in zero_runs(data)]
         with self._lock:
-            for run in runs:
-                self._demand_unstored.set_range(run.slot, run.slot + run.count)
-            self.fetched["demand"] += data_pages
-            self.fetched_zero += fetched - data_pages
-            self.fetched_bytes += fetched * PAGE_SIZE
+            for start, end, zero in pieces:  # a page fetched again before it was stored counts once
+                first_time = end - start - self._demand_unstored.count(start, end)
+                if zero:
+                    self.fetched_zero += first_time
+                else:
+                    self.fetched["demand"] += first_time
+                self._demand_unstored.set_range(start, end)
+            self.fetched_bytes += sum(len(data) for data in datas)
 
     def _claim_locked(self, run: Run, data) -> list[tuple[int, memoryview]]:
         """The pieces of a fetched `run` to store: slots that still map to the same guest page, are not

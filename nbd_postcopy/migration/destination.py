@@ -247,9 +247,9 @@ def _destination_gone(pid: int) -> MigrateError:
 
 
 def pages_without_fetch(status: dict) -> int:
-    """Guest pages whose data never crossed the wire (zero pages), from the device's `status`: a page
-    fetched on demand without a copy and fetched again by the prefetcher counts once."""
-    return status["pages"] - status["fetched_demand"] - status["fetched_prefetch"] + status["fetched_again"]
+    """Guest pages whose data never crossed the wire, from the device's `status`: the pages the source
+    reported as all zeros before anything fetched them."""
+    return status["settled_zero"]
 
 
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,

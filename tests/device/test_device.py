@@ -272,11 +272,14 @@ def test_without_demand_store_a_fetched_page_stays_pending_until_prefetched(tmp_
     for _ in range(2):  # fetched again: the first fetch kept nothing
         assert device.read(1 * P, 3 * P) == source.image[3 * P : 6 * P]
     assert len(source.calls) == 2 and device.status()["remaining"] == 3 and not device.is_local(1)
-    assert device.fetched["demand"] == 4 and device.fetched_zero == 2 and device.fetched["prefetch"] == 0
-    assert device.metrics.registry.get_sample_value("nbd_postcopy_pages_fetched_total", {"reason": "demand"}) == 4
+    # counted once as pages (guest page 5 is all zeros), although their bytes crossed the wire twice
+    assert device.fetched["demand"] == 2 and device.fetched_zero == 1 and device.fetched["prefetch"] == 0
+    assert device.fetched_bytes == 6 * P
+    assert device.metrics.registry.get_sample_value("nbd_postcopy_pages_fetched_total", {"reason": "demand"}) == 2
     assert device._store.allocated_bytes() == 0
     device.fetch([Run(1, 3, 3)], source, "prefetch", 1.0)  # the prefetcher stores them
     assert device.complete and device.fetched["prefetch"] == 2 and device.fetched_again == 2
+    assert device.fetched_zero == 1 and device.settled_zero == 0  # the zero page was fetched, once
     source.down = True
     assert device.read(1 * P, 3 * P) == source.image[3 * P : 6 * P]
 
@@ -301,6 +304,16 @@ def test_zero_pages_are_served_without_fetching(tmp_path):
     assert device.is_local(10) and device.read(10 * P, P) == bytes(P)
     assert device.read(3 * P, P) == source.image[5 * P : 6 * P]
     assert device.complete
+    assert device.status()["settled_zero"] == 4 and device.fetched_zero == 0 and device.fetched["demand"] == 1
+
+
+def test_a_zero_page_fetched_on_demand_then_learned_is_not_counted_as_never_fetched(tmp_path):
+    device, source = make_device(tmp_path, image=random_image(64, zero_pages=(3, 4)), demand_store=False)
+    stage(device, {1: 3, 2: 4, 3: 5})
+    device.arm()
+    assert device.read(1 * P, P) == bytes(P)  # fetched on demand, kept no copy: still pending
+    device.learn_zero_pages(source)  # settles slots 1 and 2
+    assert device.status()["remaining"] == 1 and device.fetched_zero == 1 and device.settled_zero == 1
 
 
 def test_zero_pages_settle_in_runs_and_slot_by_slot(tmp_path):
