@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, Table, machine_context, met, write_results  # noqa: E402
+from common import RESULTS_DIR, Table, machine_context, met, steal_seconds, write_results  # noqa: E402
 from migrate_probe import WINDOW, MigrationProbe, ProbeResult  # noqa: E402
 
 from nbd_postcopy.testbench.guest import GuestImage, PassOk, prepare_guest  # noqa: E402
@@ -54,7 +54,8 @@ SWAP_LOCK = "/run/lock/nbd-postcopy-tests.lock"  # tests/conftest.py's swap_lock
 
 COLUMNS = [
     "method", "guest MiB", "workload", "run", "downtime ms", "switchover to resume ms", "total ms",
-    "largest stall ms", "bytes moved MiB", "guest verified",
+    "largest stall ms", "bytes moved MiB", "guest verified", "switchover gap ms", "largest later gap ms",
+    "steal ms",
 ]
 
 
@@ -72,11 +73,24 @@ class Row:
     gaps: list[tuple[float, float]] = field(default_factory=list)  # (seconds after the switchover, gap ms)
     probe: ProbeResult | None = None  # nbd-postcopy only
     fetched_pages: int = 0  # nbd-postcopy only: demand + prefetch
+    steal_ms: float | str = "n/a"  # this machine's steal time (all CPUs) while the stall was measured
     run: int = 1  # which repetition (--repeat)
 
     def cells(self) -> list[str | int | float]:
+        switchover, later = self.gap_split()
         return [self.method, self.size_mib, self.workload, self.run, self.downtime_ms, self.resume_ms,
-                self.total_ms, self.stall_ms, self.moved_mib, self.verified]
+                self.total_ms, self.stall_ms, self.moved_mib, self.verified, switchover, later, self.steal_ms]
+
+    def gap_split(self) -> tuple[float | str, str]:
+        """The heartbeat gap that spans the switchover (the first beat after the source stopped ends it),
+        and the largest gap after it, with when it ended: the largest stall is one of the two."""
+        after = [(t, gap) for t, gap in self.gaps if t >= 0]
+        if not after:
+            return "n/a", "n/a"
+        if len(after) == 1:
+            return after[0][1], "-"
+        t, gap = max(after[1:], key=lambda item: item[1])
+        return after[0][1], f"{gap:.0f} at {t:.1f} s"
 
 
 def medians(runs: list[Row], size: int, workload: str, method: str) -> tuple[float, float, int] | None:
@@ -87,6 +101,16 @@ def medians(runs: list[Row], size: int, workload: str, method: str) -> tuple[flo
     if not done:
         return None
     return statistics.median(r.total_ms for r in done), statistics.median(r.stall_ms for r in done), len(done)
+
+
+def switchover_gaps(runs: list[Row], size: int, workload: str) -> str:
+    """Median switchover gap (ms) of each method, "ours / qemu / preempt"."""
+    medians_ms = []
+    for method in ("nbd-postcopy", "qemu postcopy", "qemu postcopy+preempt"):
+        gaps = [gap for r in runs if (r.size_mib, r.workload, r.method) == (size, workload, method)
+                and isinstance(gap := r.gap_split()[0], float)]
+        medians_ms.append(f"{statistics.median(gaps):.0f}" if gaps else "n/a")
+    return " / ".join(medians_ms)
 
 
 def _guest_args(workload: str) -> str:
@@ -110,15 +134,15 @@ def run_qemu_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: 
          Vm(image, run_dir, name="dst", memory_mib=size_mib, ram="ram", incoming=True,
             append=_guest_args(workload)) as destination:
         source.console.wait_for(PassOk, timeout=120 + size_mib / 10)
-        started = time.monotonic()
+        started, steal = time.monotonic(), steal_seconds()
         result = postcopy_migrate(source.qmp, destination.qmp, f"unix:{run_dir}/migrate.sock", preempt=preempt)
         verified = verified_after(destination, settle, source)
-        ended = time.monotonic()
+        ended, steal = time.monotonic(), steal_seconds() - steal
         stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
         return Row(method, size_mib, workload, result.downtime_ms,
                    result.switchover_to_resume_ms, result.total_time_ms, stall * 1000,
                    result.transferred_bytes / 2**20, verified,
-                   gaps=_gaps(source, destination, started, ended, result.switchover_time))
+                   gaps=_gaps(source, destination, started, ended, result.switchover_time), steal_ms=steal * 1000)
 
 
 def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float) -> Row:
@@ -133,13 +157,13 @@ def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: P
              Vm(image, run_dir, name="dst", memory_mib=size_mib, ram="ram", incoming=True,
                 append=_guest_args(workload), extra_qmp=1) as destination:
             source.console.wait_for(PassOk, timeout=120 + size_mib / 10)
-            started = time.monotonic()
+            started, steal = time.monotonic(), steal_seconds()
             work_dir = run_dir / "migrate"
             with MigrationProbe(work_dir, source.qmp, destination.qmp, destination.pid) as probe:
                 report = migrate(MigrateOptions(source.extra_qmp_paths[0], destination.extra_qmp_paths[0],
                                                 work_dir, quiet=True))
             verified = verified_after(destination, settle, source)
-            ended = time.monotonic()
+            ended, steal = time.monotonic(), steal_seconds() - steal
             stall = largest_gap(merged_heartbeats(source.console, destination.console), start=started, end=ended)
             fetched = report.pages_demand + report.pages_prefetch
             switchover = probe.result.stop_time or started
@@ -147,7 +171,7 @@ def run_nbd_postcopy(image: GuestImage, size_mib: int, workload: str, run_dir: P
                        report.total_seconds * 1000, stall * 1000,
                        (report.device_state_bytes + fetched * 4096) / 2**20, verified,
                        gaps=_gaps(source, destination, started, ended, switchover), probe=probe.result,
-                       fetched_pages=fetched)
+                       fetched_pages=fetched, steal_ms=steal * 1000)
 
 
 def run_qemu_postcopy_preempt(image: GuestImage, size_mib: int, workload: str, run_dir: Path, settle: float) -> Row:
@@ -173,7 +197,8 @@ def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
             rows.append([size, workload, count, "n/a" if ours is None else ours[0],
                          "n/a" if qemu is None else qemu[0], "n/a", "n/a (a method failed)",
                          "n/a" if ours is None else ours[1], "n/a" if qemu is None else qemu[1],
-                         "n/a" if preempt is None else preempt[1], "n/a (a method failed)"])
+                         "n/a" if preempt is None else preempt[1], "n/a (a method failed)",
+                         switchover_gaps(runs, size, workload)])
             continue
         total = ours[0] / qemu[0]
         stall_vs_qemu = ours[1] / qemu[1]
@@ -184,6 +209,7 @@ def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
             ours[1], qemu[1], "n/a" if preempt is None else preempt[1],
             f"{met(stall_vs_qemu, 1.0)} (<= qemu postcopy, {stall_vs_qemu:.2f}x); moonshot "
             + ("n/a" if preempt is None else f"{met(stall_vs_preempt, 1.0)} (<= preempt, {stall_vs_preempt:.2f}x)"),
+            switchover_gaps(runs, size, workload),
         ])  # fmt: skip
     return rows
 
@@ -191,6 +217,7 @@ def ratio_rows(runs: list[Row]) -> list[list[str | int | float]]:
 RATIO_COLUMNS = [
     "guest MiB", "workload", "runs (ours / qemu / preempt)", "nbd-postcopy total ms", "qemu postcopy total ms", "total ratio", "total target",
     "nbd-postcopy stall ms", "qemu postcopy stall ms", "qemu preempt stall ms", "stall target",
+    "switchover gap ms (ours / qemu / preempt)",
 ]
 PROBE_COLUMNS = [
     "guest MiB", "workload", "run", "pages fetched", "GiB fetched", "nbdkit+plugin CPU s", "serve CPU s",
@@ -286,7 +313,7 @@ def run_one(method: str, image: GuestImage, size: int, workload: str, repetition
     try:
         result = METHODS[method](image, size, workload, run_dir, settle)
     except Exception as exc:  # one failed method must not lose the other rows
-        result = Row(method, size, workload, *["n/a"] * (len(COLUMNS) - 5), f"FAILED: {exc}")
+        result = Row(method, size, workload, *["n/a"] * 5, f"FAILED: {exc}")
     finally:
         remove_run_dir(run_dir)  # (and any device a failed run left attached)
     result.run = repetition
@@ -334,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         "QEMU postcopy: migrate over a Unix socket, migrate-start-postcopy at once (pure postcopy, like "
         "nbd-postcopy), max-bandwidth 10 GiB/s instead of QEMU's default 128 MiB/s.",
         "Stall: largest host-clock gap between consecutive guest heartbeats (every ~50 ms) from the migrate "
-        f"command until {args.settle:g} s after the migration ended.",
+        f"command until {args.settle:g} s after the migration ended, and then until the guest's next verification "
+        "pass. It is either the switchover gap (the gap that the source's stop falls in: the guest's first burst "
+        "of faults at the destination) or the largest later gap, shown with when it ended (seconds after the "
+        "stop); steal is this machine's steal time over that window, all CPUs (/proc/stat): a VM's CPUs that its "
+        "host did not run, which stalls every guest on it alike.",
         "Targets (issue 12): total time <= 1.5x QEMU postcopy (moonshot <= 1.0x); largest stall <= QEMU "
         "postcopy's (moonshot <= postcopy+preempt's), each against the same run.",
         "CPU: utime+stime from /proc/PID/stat of nbdkit (hosting plugin/postcopy.py) and of `nbd-postcopy serve`, "

@@ -65,6 +65,13 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
 
 
+def steal_seconds() -> float:
+    """CPU time this machine's hypervisor gave to others while its CPUs wanted to run (steal, all CPUs)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+    return int(fields[8]) / CLOCK_TICKS
+
+
 def met(value: float, target: float) -> str:
     return "met" if value <= target else "missed"
 

@@ -213,3 +213,14 @@ def test_pin_this_thread_leaves_the_other_threads_alone():
     thread.join()
     assert seen["thread"] == {min(allowed)}
     assert os.sched_getaffinity(0) == allowed
+
+
+def test_wait_child_exit_tells_an_exit_from_a_timeout():
+    process = subprocess.Popen([sys.executable, "-c", "import signal, time, os; "
+                                "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.04), os._exit(3))); "
+                                "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert process.stdout.readline() == b"ready\n"
+    assert not linux.wait_child_exit(process, 0.05)  # still running
+    linux.terminate(process)
+    assert process.returncode == 3  # it exited on its own after SIGTERM, and was reaped
+    assert linux.wait_child_exit(process, 0.1)  # reaped already: nothing to wait for

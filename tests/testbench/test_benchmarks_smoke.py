@@ -117,3 +117,18 @@ def test_bench_migrate_compares_medians_of_repeated_runs():
     [ratios] = bench_migrate.ratio_rows(runs)
     assert ratios[:6] == [256, "idle", "3 / 2 / 0", 700, 450, 700 / 450]
     assert ratios[7:10] == [280, 150, "n/a"]
+
+
+def test_bench_migrate_tells_the_switchover_gap_from_later_ones():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_migrate
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    gaps = [(-0.1, 50.0), (0.2, 210.0), (0.25, 50.0), (2.1, 180.0), (2.15, 50.0)]  # (s after the stop, ms)
+    run = bench_migrate.Row("nbd-postcopy", 256, "idle", 1.0, 1.0, 500, 210, 1.0, "yes", gaps=gaps, steal_ms=20.0)
+    assert run.gap_split() == (210.0, "180 at 2.1 s")
+    assert run.cells()[-3:] == [210.0, "180 at 2.1 s", 20.0]
+    assert bench_migrate.Row("qemu postcopy", 256, "idle", 1.0, 1.0, 1, 1, 1.0, "yes").gap_split() == ("n/a", "n/a")
+    assert bench_migrate.switchover_gaps([run], 256, "idle") == "210 / n/a / n/a"
