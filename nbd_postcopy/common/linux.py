@@ -511,9 +511,14 @@ def terminate(process: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM a child we started, SIGKILL it if it is still there after `timeout`, and reap it."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        if not wait_child_exit(process, timeout):
-            process.kill()
-        process.wait()
+        reap(process, timeout)
+
+
+def reap(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Reap a child we started and already asked to stop, SIGKILLing it if it is still there after `timeout`."""
+    if not wait_child_exit(process, timeout):
+        process.kill()
+    process.wait()
 
 
 def wait_child_exit(process: subprocess.Popen, timeout: float) -> bool:

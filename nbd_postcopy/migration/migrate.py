@@ -45,7 +45,7 @@ from ..host import attachment
 from ..host.completion import complete_range
 from ..device.control import ControlError, request
 from ..device.markers import MarkerCodec
-from ..common.linux import format_cpu_list, free_port, terminate
+from ..common.linux import format_cpu_list, free_port, reap, terminate
 from .destination import (  # (the tests import some of them from here)
     MigrateError,
     Narrator,
@@ -454,9 +454,13 @@ class _Migration(PhasedDriver):
     def _release_source(self, source: Qmp) -> float:
         """Every page is local: quit the source (unless told not to) and stop the page server. Returns
         when that happened (time.monotonic())."""
+        server = self.server if self.server is not None and self.server.poll() is None else None
+        if server is not None:
+            server.send_signal(signal.SIGTERM)  # it shuts down while the source QEMU quits
         if self.o.release_source:
             source.execute("quit", timeout=10)
-        self._stop_server()
+        if server is not None:
+            reap(server)
         self.say("every page is local: the source " + ("was released" if self.o.release_source else
                                                          "is no longer needed (left running as asked)"))
         return time.monotonic()
