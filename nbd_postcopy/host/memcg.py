@@ -213,8 +213,11 @@ class InPlace(Memcg):
     """Staging without a dedicated memcg: the target stays in its own memcg, which is never reclaimed in
     whole (that would page the target's other memory out, onto the postcopy device).
 
-    On cgroup v2, purge() asks `memory.reclaim` for as many bytes as the memcg has in the swap cache: the
-    staged pages there are clean and unmapped, the cheapest memory to reclaim. Cgroup v1 has no bounded
+    On cgroup v2, purge() asks `memory.reclaim` for as many bytes as the memcg has in the swap cache. The
+    kernel does not take those pages only: in the lab, an idle process of the same cgroup had all its
+    memory paged out too (docs/DESIGN.md, "Staging in place, on cgroup v2 leaves"). So purge() measures
+    what it took of the memcg's mapped anonymous memory (memory.stat `anon`, which staged pages are no
+    longer part of) into `collateral_bytes`, and logs it. Cgroup v1 has no bounded
     reclaim (`memory.force_empty` takes everything), so there purge() does nothing and each page leaves
     the swap cache through staging's read-touch fallback alone. That converges only while swap is less
     than half full: above that, a swap-in frees the page's swap slot (the kernel's vm_swap_full()), and
@@ -224,6 +227,7 @@ class InPlace(Memcg):
 
     def __init__(self, version: int, path: Path):
         super().__init__(version, path, created=False)
+        self.collateral_bytes = 0  # other anonymous memory of the memcg that purge() paged out
         if version == 2 and path != _v2_root() and not (path / "memory.stat").exists():
             raise OSError(errno.ENOTSUP, f"cgroup v2: {path} has no memory controller (its parent's "
                           "cgroup.subtree_control lacks +memory), so staging in place could not check its swap "
@@ -235,7 +239,8 @@ class InPlace(Memcg):
     def purge(self) -> None:
         if self.version == 1:
             return
-        cached = self.swapcached_bytes()
+        before = self.stat()
+        cached = before.get("swapcached", 0)
         if not cached:
             return
         try:
@@ -243,6 +248,11 @@ class InPlace(Memcg):
         except OSError as exc:
             if exc.errno not in (errno.EBUSY, errno.EAGAIN):
                 raise
+        taken = before.get("anon", 0) - self.stat().get("anon", 0)
+        if taken > 0:
+            self.collateral_bytes += taken
+            log.warning("purging the swap cache in place also paged out %d MiB of other anonymous memory of %s "
+                        "(onto the swap device)", taken >> 20, self.path)
 
     def stat(self) -> dict[str, int]:
         if self.version == 2 and self.path == _v2_root():

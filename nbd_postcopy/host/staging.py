@@ -73,6 +73,7 @@ class StageReport:
     phases: dict[str, float] = field(default_factory=dict)
     fallback_pages: int = 0
     memcg_swapcached_bytes: int = 0
+    memcg_collateral_bytes: int = 0  # staging in place: other memory of the memcg the purge paged out
     global_swapcached_pages: int = 0
     device_mapped: int | None = None
 
@@ -87,6 +88,9 @@ class StageReport:
                 f"({self.pages_per_second:,.0f} pages/s: {phases})")
         if self.fallback_pages:
             text += f"; {self.fallback_pages} pages needed the read-touch fallback"
+        if self.memcg_collateral_bytes:
+            text += (f"; the in-place purge also paged out {self.memcg_collateral_bytes >> 20} MiB of other memory "
+                     "of the target's cgroup")
         if self.device_mapped is not None:
             text += f"; device maps {self.device_mapped} pages"
         return text
@@ -491,6 +495,7 @@ def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
     can hide in them), but it also covers a swap-cache page that compaction moved to another frame.
     """
     report.memcg_swapcached_bytes = _settled_swapcached(memcg)
+    report.memcg_collateral_bytes = getattr(memcg, "collateral_bytes", 0)
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
     if report.memcg_swapcached_bytes:
         shared = (" (staged in place: that count may include other processes' pages; make sure nothing else in "

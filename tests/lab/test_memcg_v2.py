@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.root]
 CGROUP2 = Path("/sys/fs/cgroup")
 MIB = 16
 LEAF_MIB = 44  # of the 64 MiB device: more than half, as in a migration
+NEIGHBOUR_MIB = 8
 
 
 @pytest.fixture
@@ -117,3 +118,32 @@ def test_a_target_in_a_leaf_cgroup_is_staged_in_place_or_in_a_named_memcg(nbd_sw
     with linux.Pagemap(other.pid) as pagemap:
         assert all(linux.is_swapped(e) for e in pagemap.entries(other.address, other.pages))
     other.exit()
+
+
+def test_staging_in_place_reports_the_other_memory_of_the_cgroup_it_paged_out(nbd_swap, processes, run_dir, codec,
+                                                                              cgroup):
+    """In place, `memory.reclaim` is asked for the cgroup's swap-cache bytes, which staging's page-outs left
+    there, but the kernel takes other memory of the cgroup too: an idle helper process beside the target
+    (its memory charged to the cgroup: filled after the move, as charges stay where a page was first
+    charged) is paged out, onto the swap device, here every page of it (docs/DESIGN.md, "Staging in place,
+    on cgroup v2 leaves"). Staging says so, with the amount; the helper's data stays intact."""
+    leaf = cgroup("nbd-postcopy-lab-shared")
+    neighbour = Workload(processes, NEIGHBOUR_MIB, "--fresh")
+    target = Workload(processes, LEAF_MIB, "--fresh")
+    for work in (neighbour, target):
+        Memcg(2, leaf, created=False).move(work.pid)
+    neighbour.command("fill 11")
+
+    report = stage_range(target.pid, target.address, target.length, codec, nbd_swap.device, quiet=True)
+    assert task_memcg(target.pid) == (2, leaf) and not list(leaf.glob(AUTO_PREFIX + "*"))  # in place
+    assert report.memcg_swapcached_bytes == 0
+    with linux.Pagemap(target.pid) as pagemap:
+        assert all(linux.is_swapped(e) for e in pagemap.entries(target.address, target.pages))
+    with linux.Pagemap(neighbour.pid) as pagemap:
+        swapped = sum(linux.is_swapped(e) for e in pagemap.entries(neighbour.address, neighbour.pages))
+    # memcg statistics are flushed lazily: the measured amount may be off by a few batches
+    assert abs(report.memcg_collateral_bytes - swapped * 4096) <= 256 * 4096, (report.memcg_collateral_bytes, swapped)
+    assert ("also paged out" in report.summary()) == (report.memcg_collateral_bytes > 0)
+    assert neighbour.command("verify-seed")["mismatched_pages"] == 0
+    target.exit()
+    neighbour.exit()
