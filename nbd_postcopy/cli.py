@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from . import __version__
@@ -59,15 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a service manager's stop), handled as Ctrl-C is: the command undoes what it
+    started (migrate and receive roll back, staging and completion leave nothing half done)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)  # (serve installs its own handler in its event loop)
     try:
         return args._run(args) or 0
     except CommandError as exc:
         print(f"nbd-postcopy {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"nbd-postcopy {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"nbd-postcopy {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from nbd_postcopy.migration.destination import histogram_quantiles
 from nbd_postcopy.migration.migrate import MigrateError, MigrateOptions, migrate
 from nbd_postcopy.testbench.vm import Vm, merged_heartbeats
 from nbd_postcopy.host.attachment import State
+from nbd_postcopy.host.memcg import AUTO_PREFIX, task_memcg
 from tests.swapdev import AffinityWatch, processes_mentioning, run_setup_swap
 
 MIB = 1 << 20
@@ -124,6 +126,37 @@ def test_device_killed_before_the_switchover_leaves_the_source_running(guest_ima
                                    quiet=True))
         assert source.qmp.status() == "running"
         source.console.wait_for(PassOk, after=source.console.mark(), timeout=30)
+        assert source.console.events(Failure) == []
+    _nothing_left(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_sigterm_while_staging_rolls_the_migration_back(guest_image, run_dir, swap_lock, processes):
+    """`kill PID`, or a service manager's stop, is Ctrl-C for the command line: a migration SIGTERMed while
+    it stages undoes what it started (page server, swap device, the staging memcg) and the source guest
+    keeps running."""
+    source, destination = _vm_pair(guest_image, run_dir, 128, "memcheck.seed=5 memcheck.mode=idle")
+    with source, destination:
+        source.console.wait_for(PassOk, timeout=60)
+        log = run_dir / "migrate.log"
+        with open(log, "wb") as out:
+            command = processes.start([sys.executable, "-m", "nbd_postcopy.cli", "migrate",
+                                       "--source-qmp", source.extra_qmp_paths[0],
+                                       "--destination-qmp", destination.extra_qmp_paths[0],
+                                       "--work-dir", run_dir / "mig"], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "migrate: staging" not in log.read_text(errors="replace"):
+            assert command.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.01)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(60) == 128 + signal.SIGTERM, log.read_text(errors="replace")
+        said = log.read_text(errors="replace")
+        assert "rolling back: the source keeps running" in said and "nbd-postcopy migrate: terminated" in said, said
+        assert source.qmp.status() == "running"
+        home = task_memcg(destination.pid)[1]
+        assert not list(home.glob(AUTO_PREFIX + "*")), "the staging memcg was left behind"
+        source.console.wait_for(PassOk, after=source.console.mark(), timeout=60)
         assert source.console.events(Failure) == []
     _nothing_left(run_dir)
 
