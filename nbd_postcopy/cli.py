@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)  # (serve installs its own handler in its event loop)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one started with SIGTERM ignored keeps ignoring it)
+        signal.signal(signal.SIGTERM, _terminate)  # (serve installs its own handler in its event loop)
     try:
         return args._run(args) or 0
     except CommandError as exc:

@@ -32,11 +32,6 @@ from pathlib import Path
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
-# Seconds a blocking accept() or recv() lasts at most before Python looks at signals again: a signal (Ctrl-C,
-# SIGTERM) that the kernel hands to another thread of this process (QMP's event loop) interrupts no
-# system call of the main thread, and Python raises it there only once the call returns.
-SIGNAL_SLICE = 0.5
-SEND_TIMEOUT = 30.0  # for one message (a line of at most MAX_LINE bytes) to leave
 # type -> the fields it carries and their JSON types
 MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"version": int, "guest_bytes": int, "memdev": str},
@@ -157,7 +152,6 @@ class Channel:
     def send(self, message_type: str, **fields) -> None:
         data = encode(message_type, **fields)
         try:
-            self._sock.settimeout(SEND_TIMEOUT)  # (receive() leaves its short slices on the socket)
             self._sock.sendall(data)
         except OSError as exc:
             raise ChannelError(f"sending {message_type} to {self.peer} failed: {exc}") from None
@@ -171,7 +165,7 @@ class Channel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ChannelError(f"no message from {self.peer} within {timeout:g}s")
-            self._sock.settimeout(min(remaining, SIGNAL_SLICE))
+            self._sock.settimeout(remaining)
             try:
                 chunk = self._sock.recv(65536)
             except (socket.timeout, TimeoutError):
@@ -257,14 +251,11 @@ class Listener:
         `on_refused(text)`; ChannelError only on the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = SIGNAL_SLICE if deadline is None else min(SIGNAL_SLICE, max(0.0, deadline - time.monotonic()))
-            self._sock.settimeout(left)
+            self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
             try:
                 sock, address = self._sock.accept()
             except (socket.timeout, TimeoutError):
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise ChannelError(f"no sender connected within {timeout:g}s") from None
-                continue
+                raise ChannelError(f"no sender connected within {timeout:g}s") from None
             peer = f"{address[0]}:{address[1]}"
             if self._context is None:
                 return Channel(sock, peer)
