@@ -247,9 +247,10 @@ def _destination_gone(pid: int) -> MigrateError:
 
 
 def pages_without_fetch(status: dict) -> int:
-    """Guest pages whose data never crossed the wire, from the device's `status`: the pages the source
-    reported as all zeros before anything fetched them."""
-    return status["settled_zero"]
+    """Guest pages whose data never crossed the wire, from the device's `status`: the all-zero pages, settled
+    from the source's block status before anything fetched them, or fetched as holes (no data on the wire).
+    With the demand and prefetched pages they add up to the guest's pages."""
+    return status["settled_zero"] + status["fetched_zero"]
 
 
 def wait_for_prefetch(device: Callable[[str], dict], quiet: bool, stream: TextIO,
