@@ -525,9 +525,11 @@ def wait_child_exit(process: subprocess.Popen, timeout: float) -> bool:
     """Wait until our child `process` has exited (True) or `timeout` seconds have passed (False), waking the
     moment it exits: Popen.wait(timeout) polls with sleeps that double up to 50 ms, which cost `migrate`
     up to 30 ms of its time to release the source. The child is not reaped here (Popen.wait does that)."""
+    if process.poll() is not None:  # reaped (its pid may belong to another process by now)
+        return True
     try:
         pidfd = os.pidfd_open(process.pid)  # an unreaped child's pid cannot be reused
-    except OSError:  # reaped already, or no pidfd on this kernel
+    except OSError:  # no pidfd on this kernel
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

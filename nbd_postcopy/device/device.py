@@ -553,6 +553,8 @@ class Device:
                         if self._zero.get(self._guest[start + low.bit_length() - 1] - 1):
                             settled |= low
                         pending ^= low
+                if not settled:
+                    continue
                 self._pending.clear_word(start, settled)
                 self.remaining -= settled.bit_count()
                 unstored = self._demand_unstored.word(start, count) & settled  # those crossed the wire already

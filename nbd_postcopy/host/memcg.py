@@ -77,6 +77,7 @@ class Memcg:
         self.version = version
         self.path = path
         self.created = created
+        self.collateral_bytes = 0  # other memory than the target's that purge() paged out (InPlace only)
 
     @classmethod
     def open_or_create(cls, version: int, path: Path) -> "Memcg":
@@ -227,7 +228,6 @@ class InPlace(Memcg):
 
     def __init__(self, version: int, path: Path):
         super().__init__(version, path, created=False)
-        self.collateral_bytes = 0  # other anonymous memory of the memcg that purge() paged out
         if version == 2 and path != _v2_root() and not (path / "memory.stat").exists():
             raise OSError(errno.ENOTSUP, f"cgroup v2: {path} has no memory controller (its parent's "
                           "cgroup.subtree_control lacks +memory), so staging in place could not check its swap "

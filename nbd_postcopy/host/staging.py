@@ -495,7 +495,7 @@ def _verify_counters(report: StageReport, memcg: Memcg, frames: Frames) -> None:
     can hide in them), but it also covers a swap-cache page that compaction moved to another frame.
     """
     report.memcg_swapcached_bytes = _settled_swapcached(memcg)
-    report.memcg_collateral_bytes = getattr(memcg, "collateral_bytes", 0)
+    report.memcg_collateral_bytes = memcg.collateral_bytes
     report.global_swapcached_pages = linux.vmstat("nr_swapcached")["nr_swapcached"]
     if report.memcg_swapcached_bytes:
         shared = (" (staged in place: that count may include other processes' pages; make sure nothing else in "
